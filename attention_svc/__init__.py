@@ -1,0 +1,1 @@
+"""Attention service: the public gRPC API, scheduler, attention, dense layers, shared experts."""

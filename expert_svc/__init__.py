@@ -1,0 +1,1 @@
+"""Expert worker: a gRPC server holding a shard of routed experts, run inside a Ray actor."""

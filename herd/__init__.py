@@ -1,0 +1,1 @@
+"""herd's command line and process management (`herd generate`, `herd score`, `herd up`, ...)."""

@@ -1,0 +1,151 @@
+"""The `herd` command. Bad input exits with code 2 and a one-line message."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from llama4.errors import HerdInputError
+
+DEFAULT_MODEL = "tiny-maverick"
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2
+        print(f"herd: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HerdInputError(f"--ids={text!r} is invalid; allowed: comma-separated integers") from None
+
+
+def _load_local(args):
+    """Monolithic model + tokenizer + engine for --model."""
+    import torch
+
+    from llama4.checkpoint import Checkpoint
+    from llama4.engine import Engine
+    from llama4.model import DTYPES, Llama4Model
+    from llama4.store import resolve_model
+    from llama4.tokenizer import Tokenizer
+
+    if args.dtype not in DTYPES:
+        raise HerdInputError(f"--dtype={args.dtype!r} is invalid; allowed: {sorted(DTYPES)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise HerdInputError(f"--device={args.device!r} is not available on this machine; allowed: cpu")
+    path = resolve_model(args.model)
+    ckpt = Checkpoint(path)
+    tok = Tokenizer.for_checkpoint(path, ckpt.config.eos_token_id)
+    model = Llama4Model.load(ckpt, DTYPES[args.dtype], args.device)
+    return Engine(model), tok
+
+
+def _prompt_ids(args, tok) -> list[int]:
+    if getattr(args, "ids", None):
+        return _parse_ids(args.ids)
+    if args.chat:
+        return tok.apply_chat([{"role": "user", "content": args.prompt}])
+    return tok.encode(args.prompt, add_bos=True)
+
+
+def cmd_generate(args) -> int:
+    from llama4.engine import Request
+    from llama4.sampling import SamplingParams
+    from llama4.tokenizer import IncrementalDecoder
+
+    engine, tok = _load_local(args)
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed)
+    seq = engine.add(Request(_prompt_ids(args, tok), params))
+    decoder, start, n = IncrementalDecoder(tok), time.perf_counter(), 0
+    while engine.has_work:
+        for event in engine.step():
+            if event.token is not None:
+                n += 1
+                sys.stdout.write(decoder.push(event.token))
+                sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s, finish={seq.finish_reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    from llama4.engine import Request
+    from llama4.sampling import SamplingParams
+
+    engine, tok = _load_local(args)
+    ids = _parse_ids(args.ids) if args.ids else tok.encode(args.text, add_bos=True)
+    (seq,) = engine.run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True)])
+    result = {"ids": ids, "logprobs": seq.prompt_logprobs}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for i, lp in zip(ids, seq.prompt_logprobs):
+            print(f"{i:>8} {tok.decode([i], skip_special=False)!r:<24} {'' if lp is None else f'{lp:.4f}'}")
+    return 0
+
+
+def cmd_init_model(args) -> int:
+    from llama4.store import write_random_checkpoint
+
+    out = write_random_checkpoint(args.preset, args.out, args.seed)
+    print(out)
+    return 0
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", default="float32", help="compute dtype: float32 (CPU), bfloat16 (GPU)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="herd", description="Serve Llama 4 mixture-of-experts models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="generate text and stream it to stdout")
+    _add_model_args(g)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    s = sub.add_parser("score", help="log-probability of each token given the ones before it")
+    _add_model_args(s)
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text")
+    src.add_argument("--ids", help="comma-separated token ids")
+    s.add_argument("--json", action="store_true", help='print {"ids": [...], "logprobs": [...]}')
+    s.set_defaults(func=cmd_score)
+
+    i = sub.add_parser("init-model", help="write a random-weight checkpoint in Hugging Face layout")
+    i.add_argument("--preset", required=True)
+    i.add_argument("--out", required=True)
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_init_model)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HerdInputError as exc:
+        print(f"herd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"herd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130

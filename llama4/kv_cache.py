@@ -1,0 +1,167 @@
+"""Block-structured KV cache that knows Llama 4's two layer kinds.
+
+Tokens live in fixed-size blocks (block_size tokens, every layer of a kind sharing one block
+table per sequence), so a block is the unit a Redis tier stores and loads. Chunked (RoPE)
+layers never look back past the start of the current attention chunk, so their blocks are
+released as a sequence crosses chunk boundaries; full (NoPE) layers keep the whole history.
+
+Legend: pool k/v per layer [num_blocks, block_size, Hkv, D]; a slot is block * block_size + offset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from llama4.config import ModelConfig
+
+CHUNKED, FULL = "chunked", "full"
+
+
+class CacheFull(RuntimeError):
+    pass
+
+
+@dataclass
+class BlockTable:
+    first: int = 0  # index (position // block_size) of ids[0]; earlier blocks were released
+    ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class KeyView:
+    slots: torch.Tensor  # [B, S] slot of each key, 0 where empty
+    positions: torch.Tensor  # [B, S] absolute position of each key, -1 where empty
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together: all decodes in one group, each multi-token run alone."""
+
+    token_index: torch.Tensor  # [B, T] rows of the packed step batch
+    q_pos: torch.Tensor  # [B, T]
+    keys: dict[str, KeyView]
+
+
+@dataclass
+class StepPlan:
+    positions: torch.Tensor  # [N] absolute position of each packed token
+    write_slots: dict[str, torch.Tensor]  # kind -> [N]
+    groups: list[AttentionGroup]
+
+
+class KVCache:
+    def __init__(self, cfg: ModelConfig, max_tokens: int = 65536, block_size: int = 16,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+        if block_size < 1 or max_tokens < block_size:
+            raise ValueError(f"kv cache: block_size={block_size}, max_tokens={max_tokens} must satisfy 1 <= block_size <= max_tokens")
+        self.cfg, self.block_size, self.device = cfg, block_size, device
+        self.chunk = cfg.attention_chunk_size
+        self.layer_kind = [CHUNKED if cfg.is_chunked(l) else FULL for l in range(cfg.num_hidden_layers)]
+        self.kinds = sorted(set(self.layer_kind))
+        num_blocks = max_tokens // block_size
+        self.capacity = {kind: num_blocks for kind in self.kinds}
+        shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
+        # torch.empty reserves address space; pages become resident only when written.
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layer_kind]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layer_kind]
+        self.free_blocks = {kind: list(range(num_blocks - 1, -1, -1)) for kind in self.kinds}
+        self.tables: dict[object, dict[str, BlockTable]] = {}
+
+    # ---- allocation ----
+    def num_free_tokens(self) -> int:
+        return min(len(free) for free in self.free_blocks.values()) * self.block_size
+
+    def blocks_needed(self, seq_id, end_pos: int) -> int:
+        """Blocks to add (worst kind) so that positions < end_pos are backed."""
+        tables = self.tables.get(seq_id)
+        need = -(-end_pos // self.block_size)
+        if tables is None:
+            return need
+        return max(need - t.first - len(t.ids) for t in tables.values())
+
+    def ensure(self, seq_id, end_pos: int) -> None:
+        tables = self.tables.setdefault(seq_id, {kind: BlockTable() for kind in self.kinds})
+        need = -(-end_pos // self.block_size)
+        for kind, table in tables.items():
+            missing = need - table.first - len(table.ids)
+            if missing > len(self.free_blocks[kind]):
+                raise CacheFull(f"kv cache full: {kind} layers need {missing} blocks, {len(self.free_blocks[kind])} free")
+            for _ in range(missing):
+                table.ids.append(self.free_blocks[kind].pop())
+
+    def release_before(self, seq_id, next_pos: int) -> None:
+        """Free chunked-layer blocks that no query at position >= next_pos can see."""
+        if not self.chunk or CHUNKED not in self.kinds or seq_id not in self.tables:
+            return
+        table = self.tables[seq_id][CHUNKED]
+        chunk_start = next_pos - next_pos % self.chunk
+        while table.ids and (table.first + 1) * self.block_size <= chunk_start:
+            self.free_blocks[CHUNKED].append(table.ids.pop(0))
+            table.first += 1
+
+    def free(self, seq_id) -> None:
+        for kind, table in self.tables.pop(seq_id, {}).items():
+            self.free_blocks[kind].extend(reversed(table.ids))
+
+    # ---- addressing ----
+    def _slots(self, table: BlockTable, start: int, end: int) -> torch.Tensor:
+        bs = self.block_size
+        ids = torch.tensor(table.ids[start // bs - table.first : (end - 1) // bs - table.first + 1], dtype=torch.long)
+        slots = (ids[:, None] * bs + torch.arange(bs)).flatten()
+        offset = start - (start // bs) * bs
+        return slots[offset : offset + end - start]
+
+    def _key_start(self, kind: str, first_query_pos: int) -> int:
+        if kind == CHUNKED:
+            return first_query_pos - first_query_pos % self.chunk
+        return 0
+
+    def plan(self, entries: list[tuple[object, int, int]]) -> StepPlan:
+        """entries: (seq_id, start position, number of new tokens), in packed order.
+        Blocks for the new tokens must already be ensured."""
+        positions, write = [], {kind: [] for kind in self.kinds}
+        decodes, groups, row = [], [], 0
+        for seq_id, start, n in entries:
+            positions.append(torch.arange(start, start + n))
+            for kind in self.kinds:
+                write[kind].append(self._slots(self.tables[seq_id][kind], start, start + n))
+            if n == 1:
+                decodes.append((row, seq_id, start, n))
+            else:
+                groups.append(self._group([(row, seq_id, start, n)]))
+            row += n
+        if decodes:
+            groups.insert(0, self._group(decodes))
+        return StepPlan(
+            positions=torch.cat(positions).to(self.device),
+            write_slots={k: torch.cat(v).to(self.device) for k, v in write.items()},
+            groups=groups,
+        )
+
+    def _group(self, members: list[tuple[int, object, int, int]]) -> AttentionGroup:
+        token_index = torch.stack([torch.arange(row, row + n) for row, _, _, n in members])
+        q_pos = torch.stack([torch.arange(start, start + n) for _, _, start, n in members])
+        keys = {}
+        for kind in self.kinds:
+            spans = [(self._key_start(kind, start), start + n, seq_id) for _, seq_id, start, n in members]
+            s = max(end - begin for begin, end, _ in spans)
+            slots = torch.zeros(len(members), s, dtype=torch.long)
+            kpos = torch.full((len(members), s), -1, dtype=torch.long)
+            for b, (begin, end, seq_id) in enumerate(spans):
+                slots[b, : end - begin] = self._slots(self.tables[seq_id][kind], begin, end)
+                kpos[b, : end - begin] = torch.arange(begin, end)
+            keys[kind] = KeyView(slots.to(self.device), kpos.to(self.device))
+        return AttentionGroup(token_index.to(self.device), q_pos.to(self.device), keys)
+
+    # ---- data ----
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: [N, Hkv, D] for the packed tokens of this step."""
+        self.k[layer].view(-1, *k.shape[1:])[slots] = k
+        self.v[layer].view(-1, *v.shape[1:])[slots] = v
+
+    def gather(self, layer: int, view: KeyView) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, S, Hkv, D] keys and values for one attention group."""
+        flat_k = self.k[layer].view(-1, *self.k[layer].shape[2:])
+        flat_v = self.v[layer].view(-1, *self.v[layer].shape[2:])
+        return flat_k[view.slots], flat_v[view.slots]

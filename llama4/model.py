@@ -1,0 +1,75 @@
+"""The Llama 4 text decoder stack, written once against the MoEBackend seam.
+
+forward() takes a packed step batch (prefill chunks and decode tokens of many sequences,
+concatenated) and a StepPlan from the KV cache. Legend: N packed tokens, H hidden,
+Hq/Hkv heads, D head dim, V vocabulary, M rows that want logits.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kernels import apply_rope, attention, qk_norm, rms_norm, rope_inv_freq, swiglu, temperature_scale
+from llama4.checkpoint import Checkpoint
+from llama4.config import ModelConfig
+from llama4.kv_cache import KVCache, StepPlan
+from llama4.moe import LocalMoE, MoEBackend
+from llama4.weights import DenseWeights, LayerWeights, load_experts, load_routers
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class Llama4Model:
+    def __init__(self, cfg: ModelConfig, weights: DenseWeights, moe: MoEBackend, dtype: torch.dtype, device: str):
+        self.cfg, self.w, self.moe, self.dtype, self.device = cfg, weights, moe, dtype, device
+        self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu",
+             moe: MoEBackend | None = None) -> "Llama4Model":
+        """moe=None loads every router and expert here (monolithic)."""
+        if moe is None:
+            all_experts = list(range(ckpt.config.num_local_experts))
+            moe = LocalMoE(load_routers(ckpt, dtype, device), load_experts(ckpt, all_experts, dtype, device))
+        return cls(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
+
+    def new_cache(self, max_tokens: int = 65536, block_size: int = 16) -> KVCache:
+        return KVCache(self.cfg, max_tokens=max_tokens, block_size=block_size, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+        """tokens [N] -> fp32 logits [M, V] for the packed rows logit_rows [M]."""
+        h = self.w.embed[tokens]  # [N, H]
+        for layer, lw in enumerate(self.w.layers):
+            h = h + self._attention(layer, lw, rms_norm(h, lw.input_norm, self.cfg.rms_norm_eps), plan, cache)
+            x = rms_norm(h, lw.post_norm, self.cfg.rms_norm_eps)
+            if self.cfg.is_moe_layer(layer):
+                routed = self.moe.submit(layer, x)  # in flight while the shared expert runs
+                shared = swiglu(x, *lw.ffn)
+                h = h + (shared + routed.result())
+            else:
+                h = h + swiglu(x, *lw.ffn)
+        out = rms_norm(h[logit_rows], self.w.norm, self.cfg.rms_norm_eps)
+        return F.linear(out, self.w.lm_head).float()
+
+    def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
+        cfg, n = self.cfg, x.shape[0]
+        q = F.linear(x, lw.wq).view(n, cfg.num_attention_heads, cfg.head_dim)
+        k = F.linear(x, lw.wk).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        v = F.linear(x, lw.wv).view(n, cfg.num_key_value_heads, cfg.head_dim)
+        if cfg.uses_rope(layer):
+            q, k = apply_rope(q, plan.positions, self.inv_freq), apply_rope(k, plan.positions, self.inv_freq)
+            if cfg.use_qk_norm:
+                q, k = qk_norm(q, cfg.rms_norm_eps), qk_norm(k, cfg.rms_norm_eps)
+        elif cfg.attn_temperature_tuning:
+            scale = temperature_scale(plan.positions, cfg.floor_scale, cfg.attn_scale)
+            q = (q * scale[:, None, None]).to(q.dtype)
+        kind = cache.layer_kind[layer]
+        cache.write(layer, plan.write_slots[kind], k, v)
+        chunk = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
+        out = torch.empty_like(q)
+        for group in plan.groups:
+            keys, values = cache.gather(layer, group.keys[kind])
+            view = group.keys[kind]
+            out[group.token_index] = attention(q[group.token_index], keys, values, group.q_pos, view.positions, chunk)
+        return F.linear(out.view(n, -1), lw.wo)

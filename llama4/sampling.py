@@ -1,0 +1,70 @@
+"""Sampling parameters and token selection: greedy, temperature, top-k, top-p, seeded.
+
+Log-probabilities reported to users are those of the model's own distribution
+(log_softmax of the raw logits), whatever the sampling temperature.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from llama4.errors import HerdInputError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 64
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    def validate(self, vocab_size: int) -> None:
+        def bad(fld: str, value, allowed: str) -> HerdInputError:
+            return HerdInputError(f"{fld}={value!r} is invalid; allowed: {allowed}")
+
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            raise bad("max_tokens", self.max_tokens, "an integer >= 0")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", self.top_p, "a number in (0, 1]")
+        if self.top_k < 0:
+            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise bad("seed", self.seed, "an integer in [0, 2^63)")
+        for t in self.stop_token_ids:
+            if not 0 <= t < vocab_size:
+                raise bad("stop_token_ids", t, f"token ids in [0, {vocab_size})")
+
+    def make_generator(self) -> torch.Generator | None:
+        if self.temperature == 0:
+            return None
+        gen = torch.Generator()
+        if self.seed is None:
+            gen.seed()
+        else:
+            gen.manual_seed(self.seed)
+        return gen
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """One token from fp32 logits [V]."""
+    if params.temperature == 0:
+        return int(torch.argmax(logits))
+    scaled = logits.float().cpu() / params.temperature
+    if params.top_k and params.top_k < scaled.shape[-1]:
+        kth = torch.topk(scaled, params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(scaled, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop = torch.cumsum(probs, dim=-1) - probs >= params.top_p
+        scaled[order[drop]] = float("-inf")
+    probs = torch.softmax(scaled, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))

@@ -1,0 +1,126 @@
+"""Which tensors a Llama 4 text checkpoint holds, their HF names and shapes: one table.
+
+Loading, random initialisation (`herd init-model`) and the services' slices all read it.
+Names are relative to the text model (see llama4.checkpoint).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from llama4.checkpoint import Checkpoint
+from llama4.config import ModelConfig
+
+ROUTER = "feed_forward.router.weight"
+GATE_UP = "feed_forward.experts.gate_up_proj"  # [E, H, 2I], [in, out], gate | up concatenated
+DOWN = "feed_forward.experts.down_proj"  # [E, I, H], [in, out]
+
+
+def layer_prefix(layer: int) -> str:
+    return f"layers.{layer}."
+
+
+def dense_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the attention side holds (all but the router and the routed experts)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    specs = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        specs["lm_head.weight"] = (cfg.vocab_size, h)
+    for layer in range(cfg.num_hidden_layers):
+        p = layer_prefix(layer)
+        specs[p + "input_layernorm.weight"] = (h,)
+        specs[p + "post_attention_layernorm.weight"] = (h,)
+        specs[p + "self_attn.q_proj.weight"] = (cfg.num_attention_heads * d, h)
+        specs[p + "self_attn.k_proj.weight"] = (cfg.num_key_value_heads * d, h)
+        specs[p + "self_attn.v_proj.weight"] = (cfg.num_key_value_heads * d, h)
+        specs[p + "self_attn.o_proj.weight"] = (h, cfg.num_attention_heads * d)
+        if cfg.is_moe_layer(layer):
+            i, ff = cfg.intermediate_size, "feed_forward.shared_expert."
+        else:
+            i, ff = cfg.intermediate_size_mlp, "feed_forward."
+        specs[p + ff + "gate_proj.weight"] = (i, h)
+        specs[p + ff + "up_proj.weight"] = (i, h)
+        specs[p + ff + "down_proj.weight"] = (h, i)
+    return specs
+
+
+def router_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {layer_prefix(l) + ROUTER: (cfg.num_local_experts, cfg.hidden_size) for l in cfg.moe_layer_list}
+
+
+def expert_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    specs = {}
+    for l in cfg.moe_layer_list:
+        specs[layer_prefix(l) + GATE_UP] = (e, h, 2 * i)
+        specs[layer_prefix(l) + DOWN] = (e, i, h)
+    return specs
+
+
+@dataclass
+class LayerWeights:
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    wq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
+    ffn: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate, up, down: dense MLP or shared expert
+
+
+@dataclass
+class DenseWeights:
+    embed: torch.Tensor  # [V, H]
+    norm: torch.Tensor  # [H]
+    lm_head: torch.Tensor  # [V, H]
+    layers: list[LayerWeights]
+
+    @classmethod
+    def load(cls, ckpt: Checkpoint, dtype: torch.dtype, device: str) -> "DenseWeights":
+        cfg = ckpt.config
+        t = {name: ckpt.tensor(name, shape, dtype, device) for name, shape in dense_specs(cfg).items()}
+        layers = []
+        for layer in range(cfg.num_hidden_layers):
+            p = layer_prefix(layer)
+            ff = p + ("feed_forward.shared_expert." if cfg.is_moe_layer(layer) else "feed_forward.")
+            layers.append(LayerWeights(
+                input_norm=t[p + "input_layernorm.weight"], post_norm=t[p + "post_attention_layernorm.weight"],
+                wq=t[p + "self_attn.q_proj.weight"], wk=t[p + "self_attn.k_proj.weight"],
+                wv=t[p + "self_attn.v_proj.weight"], wo=t[p + "self_attn.o_proj.weight"],
+                ffn=(t[ff + "gate_proj.weight"], t[ff + "up_proj.weight"], t[ff + "down_proj.weight"]),
+            ))
+        embed = t["embed_tokens.weight"]
+        return cls(embed=embed, norm=t["norm.weight"], lm_head=t.get("lm_head.weight", embed), layers=layers)
+
+
+def load_routers(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> dict[int, torch.Tensor]:
+    cfg = ckpt.config
+    return {l: ckpt.tensor(layer_prefix(l) + ROUTER, (cfg.num_local_experts, cfg.hidden_size), dtype, device)
+            for l in cfg.moe_layer_list}
+
+
+def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype, device: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """{layer: (w13 [e, H, 2I], w2 [e, I, H])} for just the given experts of every MoE layer."""
+    cfg = ckpt.config
+    specs = expert_specs(cfg)
+    out = {}
+    for l in cfg.moe_layer_list:
+        gu, dn = layer_prefix(l) + GATE_UP, layer_prefix(l) + DOWN
+        out[l] = (ckpt.experts(gu, expert_ids, specs[gu], dtype, device),
+                  ckpt.experts(dn, expert_ids, specs[dn], dtype, device))
+    return out
+
+
+def random_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded random weights for every tensor (HF text-only names with the `model.` prefix)."""
+    gen = torch.Generator().manual_seed(seed)
+    specs = {**dense_specs(cfg), **router_specs(cfg), **expert_specs(cfg)}
+    out = {}
+    for name, shape in specs.items():
+        if name.endswith("norm.weight"):
+            tensor = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+        else:
+            tensor = torch.randn(shape, generator=gen) * cfg.initializer_range
+        out[name if name.startswith("lm_head.") else "model." + name] = tensor
+    return out
