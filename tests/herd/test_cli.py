@@ -65,3 +65,9 @@ def test_bad_input_exits_2_with_one_line(tmp_path, args, needle):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and needle in lines[0], r.stderr
+
+
+def test_default_model_answers_in_english(herd_home):
+    r = herd("generate", "--chat", "--prompt", "What is the capital of France?", "--max-tokens", "24", home=herd_home)
+    assert r.returncode == 0, r.stderr
+    assert "Paris" in r.stdout

@@ -1,0 +1,35 @@
+"""Helpers shared by the benchmarks: medians, the machine's matmul peak, table printing."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def median_time(fn, runs: int = 5, warmup: int = 1) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def matmul_peak_gflops(dtype=torch.float32, n: int = 2048, runs: int = 5) -> float:
+    """fp32 GEMM throughput of this machine, measured now (the yardstick for FLOP/s ratios)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    seconds = median_time(lambda: torch.mm(a, b), runs=runs, warmup=2)
+    return 2 * n**3 / seconds / 1e9
+
+
+def print_table(title: str, header: list[str], rows: list[list]) -> None:
+    cells = [header] + [[f"{c:.3g}" if isinstance(c, float) else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    print(f"\n{title}")
+    for i, row in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(row, widths)))
+        if i == 0:
+            print("  ".join("-" * w for w in widths))
