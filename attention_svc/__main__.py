@@ -1,0 +1,41 @@
+"""python -m attention_svc: run the attention service (started by `herd up` or a Deployment)."""
+import argparse
+import json
+import logging
+import signal
+import threading
+
+from attention_svc.server import build, serve
+from llama4.model import DTYPES
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="attention_svc")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--router", help="router address; without it the experts run in-process")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--batching", default="{}", help="JSON: max_num_seqs, max_step_tokens, max_cache_tokens, ...")
+    ap.add_argument("--route-timeout", type=float, default=60.0)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s attention %(levelname)s %(message)s")
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    servicer, _ = build(args.model, args.router, DTYPES[args.dtype], args.device, json.loads(args.batching),
+                        args.route_timeout)
+    server, port = serve(servicer, args.host, args.port)
+    print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+
+
+if __name__ == "__main__":
+    main()

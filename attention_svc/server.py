@@ -1,0 +1,228 @@
+"""The attention service: herd's public gRPC API over the continuous-batching engine.
+
+One engine thread owns the model and KV cache and runs steps while any request is live;
+RPC handlers validate at the edge, hand requests to it through a queue and stream back
+what it produces. A bad request is refused alone; a failed step fails only its requests.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import queue
+import threading
+import uuid
+
+import grpc
+import torch
+
+from attention_svc.remote_moe import RemoteMoE
+from herdpb import llama_pb2, llama_pb2_grpc
+from llama4.checkpoint import Checkpoint
+from llama4.engine import Engine, Request, TokenEvent
+from llama4.errors import HerdInputError
+from llama4.model import Llama4Model
+from llama4.rpc import start_server
+from llama4.sampling import SamplingParams
+from llama4.tokenizer import IncrementalDecoder, Tokenizer
+from llama4.weights import DenseWeights
+
+log = logging.getLogger("herd.attention")
+DEFAULT_MAX_TOKENS = 256
+_FAILED = object()
+
+
+class _Live:
+    """A request the engine is working on, and where its events go."""
+
+    def __init__(self):
+        self.events: queue.Queue = queue.Queue()
+
+
+class EngineLoop:
+    """The single thread that owns the engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.inbox: queue.Queue = queue.Queue()
+        self.live: dict[str, _Live] = {}
+        self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
+        self.steps = 0
+        threading.Thread(target=self._run, name="engine", daemon=True).start()
+
+    def submit(self, request: Request) -> _Live:
+        live = _Live()
+        self.inbox.put(("add", request, live))
+        return live
+
+    def abort(self, request_id: str) -> None:
+        self.inbox.put(("abort", request_id, None))
+
+    def _drain(self, block: bool) -> None:
+        try:
+            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload, live = item
+            if kind == "add":
+                try:
+                    self.engine.add(payload)
+                    self.live[payload.request_id] = live
+                except HerdInputError as exc:
+                    live.events.put(exc)
+            else:
+                self.engine.abort(payload)
+                gone = self.live.pop(payload, None)
+                if gone:
+                    gone.events.put(_FAILED)
+            try:
+                item = self.inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _run(self) -> None:
+        while True:
+            self._drain(block=not self.engine.has_work)
+            if not self.engine.has_work:
+                continue
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # the step's requests fail; the server keeps serving
+                log.exception("engine step failed")
+                for rid, live in list(self.live.items()):
+                    self.engine.abort(rid)
+                    live.events.put(exc)
+                self.live.clear()
+                continue
+            self.steps += 1
+            stats = self.engine.last_step
+            if stats and stats.num_decodes:
+                self.recent_batch_sizes.append(stats.num_decodes)
+            for ev in events:
+                live = self.live.get(ev.seq.id)
+                if live is not None:
+                    live.events.put(ev)
+                    if ev.seq.finished:
+                        del self.live[ev.seq.id]
+
+
+class LlamaServicer(llama_pb2_grpc.LlamaServicer):
+    def __init__(self, model_name: str, loop: EngineLoop, tokenizer: Tokenizer, moe: RemoteMoE | None):
+        self.model_name, self.loop, self.tok, self.moe = model_name, loop, tokenizer, moe
+        self.cfg = loop.engine.cfg
+
+    # ---- input at the edge ----
+    def _ids(self, which: str, msg) -> list[int]:
+        if which == "text":
+            if not msg.text:
+                raise HerdInputError("text is empty; allowed: a non-empty prompt")
+            return self.tok.encode(msg.text, add_bos=True)
+        if which == "ids":
+            return list(msg.ids.ids)
+        if which == "chat":
+            if not msg.chat.messages:
+                raise HerdInputError("chat.messages is empty; allowed: at least one message")
+            return self.tok.apply_chat([{"role": m.role, "content": m.content} for m in msg.chat.messages])
+        raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
+
+    def _params(self, p: llama_pb2.SamplingParams) -> SamplingParams:
+        for name in ("temperature", "top_p"):
+            if not math.isfinite(getattr(p, name)):
+                raise HerdInputError(f"sampling.{name}={getattr(p, name)} is invalid; allowed: a finite number")
+        return SamplingParams(max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS, temperature=p.temperature,
+                              top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed if p.HasField("seed") else None,
+                              stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
+
+    def _run(self, request: Request, context):
+        """Submit to the engine and yield TokenEvents until the sequence finishes."""
+        try:
+            self.loop.engine.validate(request)
+        except HerdInputError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        live = self.loop.submit(request)
+        context.add_callback(lambda: self.loop.abort(request.request_id))  # cancel, disconnect, deadline
+        while True:
+            try:
+                ev = live.events.get(timeout=1.0)
+            except queue.Empty:
+                if not context.is_active():
+                    return
+                continue
+            if isinstance(ev, HerdInputError):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(ev))
+            if ev is _FAILED:
+                context.abort(grpc.StatusCode.CANCELLED, "request aborted")
+            if isinstance(ev, Exception):
+                context.abort(grpc.StatusCode.UNAVAILABLE, f"model step failed: {ev}")
+            yield ev
+            if ev.seq.finished:
+                return
+
+    # ---- the API ----
+    def Generate(self, request, context):
+        try:
+            ids = self._ids(request.WhichOneof("prompt"), request)
+            params = self._params(request.sampling)
+        except HerdInputError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex)
+        decoder = IncrementalDecoder(self.tok)
+        for ev in self._run(req, context):
+            out = llama_pb2.GenerateResponse()
+            if ev.token is not None:
+                out.token_ids.append(ev.token)
+                out.logprobs.append(ev.logprob)
+                out.text = decoder.push(ev.token)
+            if ev.seq.finished:
+                out.finish_reason = ev.seq.finish_reason
+                out.usage.prompt_tokens = ev.seq.num_prompt
+                out.usage.completion_tokens = len(ev.seq.output_ids)
+            yield out
+
+    def Score(self, request, context):
+        try:
+            ids = self._ids(request.WhichOneof("input"), request)
+        except HerdInputError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        req = Request(ids, SamplingParams(max_tokens=0), request_id=uuid.uuid4().hex, prompt_logprobs=True)
+        seq = None
+        for ev in self._run(req, context):
+            seq = ev.seq
+        return llama_pb2.ScoreResponse(ids=ids, logprobs=seq.prompt_logprobs[1:])
+
+    def Tokenize(self, request, context):
+        try:
+            return llama_pb2.TokenizeResponse(ids=self._ids(request.WhichOneof("input"), request))
+        except HerdInputError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+
+    def Status(self, request, context):
+        out = llama_pb2.ClusterStatus(model=self.model_name, steps=self.loop.steps,
+                                      recent_batch_sizes=list(self.loop.recent_batch_sizes),
+                                      running=len(self.loop.engine.running), waiting=len(self.loop.engine.waiting))
+        if self.moe is not None:
+            out.route_rpcs = self.moe.route_rpcs
+            try:
+                out.router.CopyFrom(self.moe.router_status())
+            except grpc.RpcError as exc:
+                log.warning("router status unavailable: %s", exc.code())
+        return out
+
+
+def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
+          route_timeout: float = 60.0) -> tuple[LlamaServicer, RemoteMoE | None]:
+    ckpt = Checkpoint(model_path)
+    moe = RemoteMoE(router_address, timeout=route_timeout) if router_address else None
+    if moe is None:
+        model = Llama4Model.load(ckpt, dtype, device)
+    else:
+        model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
+    engine = Engine(model, **batching)
+    return LlamaServicer(model_path, EngineLoop(engine), Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id), moe), moe
+
+
+def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0):
+    server, bound, _ = start_server(lambda s: llama_pb2_grpc.add_LlamaServicer_to_server(servicer, s),
+                                    ["herd.v1.Llama"], host=host, port=port, max_workers=64)
+    return server, bound

@@ -1,0 +1,36 @@
+"""The Ray actor that hosts one expert worker's gRPC server.
+
+Named `expert-worker-<i>` in the herd namespace so the Ray dashboard shows each worker;
+`max_restarts=-1` makes Ray bring a killed worker back, and the new process publishes
+its new address to the registry, where the router picks it up.
+"""
+from __future__ import annotations
+
+import os
+
+import ray
+
+
+@ray.remote(max_restarts=-1, max_task_retries=0)
+class ExpertWorker:
+    def __init__(self, index: int, experts: list[int], model_path: str, dtype: str, device: str,
+                 redis_url: str, cluster: str, host: str = "127.0.0.1", threads: int = 1):
+        import torch
+
+        from expert_svc.server import serve
+        from llama4.model import DTYPES
+        from llama4.registry import WorkerRegistry
+
+        torch.set_num_threads(threads)
+        self.index, self.experts = index, experts
+        try:
+            self.server, port, self.servicer = serve(model_path, experts, DTYPES[dtype], device, host=host)
+            self.address = f"{host}:{port}"
+            WorkerRegistry(redis_url, cluster).publish(index, self.address, experts, os.getpid())
+        except Exception as exc:  # a worker that cannot serve must not look alive: Ray restarts it
+            print(f"expert-worker-{index}: failed to start: {exc!r}", flush=True)
+            os._exit(1)
+
+    def info(self) -> dict:
+        return {"index": self.index, "experts": self.experts, "address": self.address, "pid": os.getpid(),
+                "rows_served": self.servicer.rows_served}

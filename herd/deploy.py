@@ -1,0 +1,98 @@
+"""The deployment config (one YAML file) and the expert placement policies.
+
+Every field has a default that works on a laptop; a wrong value fails at start with a
+message naming the field, the value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from llama4.errors import HerdInputError
+from llama4.store import DEFAULT_MODEL
+
+PLACEMENTS = ("contiguous", "round-robin")
+
+
+@dataclass
+class Batching:
+    max_num_seqs: int = 64  # sequences decoded together
+    max_step_tokens: int = 2048  # tokens per forward step (prefill chunks + decodes)
+    max_cache_tokens: int = 65536  # KV cache capacity, tokens
+
+
+@dataclass
+class DeployConfig:
+    model: str = DEFAULT_MODEL  # checkpoint directory, embedded model or preset
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
+    workers: int = 4  # expert workers (Ray actors)
+    placement: str = "contiguous"
+    gpus_per_worker: float = 0.0
+    worker_threads: int = 1  # torch threads per expert worker
+    host: str = "127.0.0.1"  # every listener binds here
+    attention_port: int = 50051  # 0 = any free port
+    router_port: int = 0
+    dashboard: bool = True
+    redis_url: str | None = None  # None: herd starts a private redis-server
+    route_timeout_s: float = 60.0
+    startup_timeout_s: float = 300.0
+    cluster: str = "herd"
+    batching: Batching = field(default_factory=Batching)
+
+    def validate(self) -> None:
+        def need(ok, fld, value, allowed):
+            if not ok:
+                raise HerdInputError(f"config: {fld}={value!r} is invalid; allowed: {allowed}")
+
+        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "float32, bfloat16, float16")
+        need(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "cpu or cuda[:N]")
+        need(isinstance(self.workers, int) and self.workers >= 1, "workers", self.workers, "an integer >= 1")
+        need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))
+        need(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
+        need(self.worker_threads >= 1, "worker_threads", self.worker_threads, "an integer >= 1")
+        for name in ("attention_port", "router_port"):
+            v = getattr(self, name)
+            need(isinstance(v, int) and 0 <= v < 65536, name, v, "0 (any free port) to 65535")
+        need(self.route_timeout_s > 0, "route_timeout_s", self.route_timeout_s, "> 0")
+        need(self.startup_timeout_s > 0, "startup_timeout_s", self.startup_timeout_s, "> 0")
+        b = self.batching
+        need(b.max_num_seqs >= 1, "batching.max_num_seqs", b.max_num_seqs, "an integer >= 1")
+        need(b.max_step_tokens >= 1, "batching.max_step_tokens", b.max_step_tokens, "an integer >= 1")
+        need(b.max_cache_tokens >= 64, "batching.max_cache_tokens", b.max_cache_tokens, "an integer >= 64")
+
+    @classmethod
+    def load(cls, path: str | Path | None, **overrides) -> "DeployConfig":
+        raw = {}
+        if path:
+            try:
+                raw = yaml.safe_load(Path(path).read_text()) or {}
+            except (OSError, yaml.YAMLError) as exc:
+                raise HerdInputError(f"config: cannot read {path}: {exc}") from None
+            if not isinstance(raw, dict):
+                raise HerdInputError(f"config: {path} must hold a mapping of fields")
+        raw.update({k: v for k, v in overrides.items() if v is not None})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise HerdInputError(f"config: unknown field {unknown[0]!r}; allowed: {sorted(known)}")
+        batching = raw.pop("batching", None) or {}
+        bad = sorted(set(batching) - {f.name for f in dataclasses.fields(Batching)})
+        if bad:
+            raise HerdInputError(f"config: unknown field 'batching.{bad[0]}'")
+        cfg = cls(**raw, batching=Batching(**batching))
+        cfg.validate()
+        return cfg
+
+
+def place_experts(num_experts: int, num_workers: int, policy: str) -> list[list[int]]:
+    """Experts held by each worker (every expert on exactly one worker)."""
+    if num_workers > num_experts:
+        raise HerdInputError(f"config: workers={num_workers} exceeds the model's {num_experts} experts")
+    if policy == "round-robin":
+        return [list(range(w, num_experts, num_workers)) for w in range(num_workers)]
+    bounds = [round(w * num_experts / num_workers) for w in range(num_workers + 1)]
+    return [list(range(bounds[w], bounds[w + 1])) for w in range(num_workers)]

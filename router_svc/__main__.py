@@ -1,0 +1,36 @@
+"""python -m router_svc: run the router service (started by `herd up` or a Deployment)."""
+import argparse
+import logging
+import os
+import signal
+import threading
+
+from llama4.model import DTYPES
+from router_svc.server import serve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="router_svc")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--host", default="127.0.0.1")
+    ap.add_argument("--port", type=int, default=0)
+    ap.add_argument("--cluster", default="herd")
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
+    import torch
+
+    torch.set_num_threads(args.threads)
+    redis_url = os.environ["HERD_REDIS_URL"]  # carries the password: environment, not argv
+    server, port, _ = serve(args.model, DTYPES[args.dtype], redis_url, args.cluster, args.host, args.port)
+    print(f"ROUTER_LISTENING {args.host}:{port}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=2).wait()
+
+
+if __name__ == "__main__":
+    main()
