@@ -55,6 +55,8 @@ def _prompt_ids(args, tok) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    if args.target:
+        return _generate_remote(args)
     from llama4.engine import Request
     from llama4.sampling import SamplingParams
     from llama4.tokenizer import IncrementalDecoder
@@ -76,19 +78,112 @@ def cmd_generate(args) -> int:
     return 0
 
 
-def cmd_score(args) -> int:
-    from llama4.engine import Request
-    from llama4.sampling import SamplingParams
+def _generate_remote(args) -> int:
+    from herd.client import Client
 
-    engine, tok = _load_local(args)
-    ids = _parse_ids(args.ids) if args.ids else tok.encode(args.text, add_bos=True)
-    (seq,) = engine.run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True)])
-    result = {"ids": ids, "logprobs": seq.prompt_logprobs}
-    if args.json:
-        print(json.dumps(result))
+    client = Client(args.target)
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed)
+    prompt = {"chat": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt}
+    start, n, reason = time.perf_counter(), 0, ""
+    for msg in client.generate(**prompt, **kwargs):
+        n += len(msg.token_ids)
+        sys.stdout.write(msg.text)
+        sys.stdout.flush()
+        reason = msg.finish_reason or reason
+    elapsed = time.perf_counter() - start
+    sys.stdout.write("\n")
+    print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s, finish={reason}]", file=sys.stderr)
+    return 0
+
+
+def cmd_score(args) -> int:
+    if args.target:
+        from herd.client import Client
+
+        resp = Client(args.target).score(ids=_parse_ids(args.ids)) if args.ids else Client(args.target).score(text=args.text)
+        ids, logprobs = list(resp.ids), [None, *resp.logprobs]
     else:
-        for i, lp in zip(ids, seq.prompt_logprobs):
-            print(f"{i:>8} {tok.decode([i], skip_special=False)!r:<24} {'' if lp is None else f'{lp:.4f}'}")
+        from llama4.engine import Request
+        from llama4.sampling import SamplingParams
+
+        engine, tok = _load_local(args)
+        ids = _parse_ids(args.ids) if args.ids else tok.encode(args.text, add_bos=True)
+        (seq,) = engine.run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True)])
+        logprobs = seq.prompt_logprobs
+    if args.json:
+        print(json.dumps({"ids": ids, "logprobs": logprobs}))
+    else:
+        for i, lp in zip(ids, logprobs):
+            print(f"{i:>8} {'' if lp is None else f'{lp:.4f}'}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    from herd.client import Client
+
+    st = Client(args.target).status()
+    print(f"model: {st.model}")
+    print(f"steps: {st.steps}  running: {st.running}  waiting: {st.waiting}  route RPCs: {st.route_rpcs}")
+    sizes = list(st.recent_batch_sizes)[-16:]
+    print(f"recent decode batch sizes: {sizes}")
+    r = st.router
+    print(f"router: {r.routes} routes, {r.worker_rpcs} worker RPCs, {r.retries} retries")
+    for w in r.workers:
+        print(f"  worker {w.index} {w.address} {'SERVING' if w.healthy else 'UNAVAILABLE'} experts {list(w.experts)} "
+              f"rpcs {w.rpcs} rows {w.rows}")
+    for load in r.loads:
+        print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
+    return 0
+
+
+def cmd_up(args) -> int:
+    import signal
+    import threading
+
+    from herd.deploy import DeployConfig
+    from herd.up import Cluster
+
+    cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    with Cluster(cfg, log=log) as cluster:
+        print(f"herd is up: attention {cluster.attention_address}  router {cluster.router_address}  "
+              f"ray dashboard {cluster.dashboard_url or 'off'}", flush=True)
+        if args.prompt:
+            return _demo(cluster, args.prompt)
+        while not stop.wait(1.0):
+            dead = cluster.dead_children()
+            if dead:
+                print(f"herd: error: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
+                return 1
+    return 0
+
+
+def _demo(cluster, prompt: str) -> int:
+    """The README's main job: one chat request through the cluster, streamed, with a summary."""
+    from herd.client import Client
+
+    client = Client(cluster.attention_address)
+    before = client.status()
+    start, first, n = time.perf_counter(), None, 0
+    for msg in client.generate(chat=[{"role": "user", "content": prompt}], max_tokens=48):
+        if msg.token_ids and first is None:
+            first = time.perf_counter() - start
+        n += len(msg.token_ids)
+        sys.stdout.write(msg.text)
+        sys.stdout.flush()
+    elapsed = time.perf_counter() - start
+    after = client.status()
+    steps = max(after.steps - before.steps, 1)
+    moe_layers = len(after.router.loads) or 1
+    route = (after.route_rpcs - before.route_rpcs) / steps
+    worker = (after.router.worker_rpcs - before.router.worker_rpcs) / steps / moe_layers
+    print(f"\n[{n} tokens in {elapsed:.2f}s ({n / elapsed:.1f} tok/s, first token {first or 0:.2f}s); "
+          f"{len(after.router.workers)} expert workers; per step {route:.0f} Route RPCs "
+          f"({route / moe_layers:.0f} per MoE layer) and {worker:.2f} RunExperts RPCs per MoE layer]")
     return 0
 
 
@@ -123,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="generate text and stream it to stdout")
     _add_model_args(g)
+    g.add_argument("--target", help="HOST:PORT of a running cluster (default: run the model in this process)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64)
@@ -138,7 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--text")
     src.add_argument("--ids", help="comma-separated token ids")
     s.add_argument("--json", action="store_true", help='print {"ids": [...], "logprobs": [...]}')
+    s.add_argument("--target", help="HOST:PORT of a running cluster")
     s.set_defaults(func=cmd_score)
+
+    u = sub.add_parser("up", help="start the local cluster: redis, ray, expert workers, router, attention")
+    u.add_argument("--config", help="deployment YAML (every field has a local default)")
+    u.add_argument("--model", help="override the config's model")
+    u.add_argument("--workers", type=int, help="override the number of expert workers")
+    u.add_argument("--prompt", help="send this chat prompt, print the answer and a summary, then stop")
+    u.set_defaults(func=cmd_up)
+
+    st = sub.add_parser("status", help="workers, their experts, health, load per expert, batch sizes")
+    st.add_argument("--target", required=True, help="HOST:PORT of the attention service")
+    st.set_defaults(func=cmd_status)
 
     i = sub.add_parser("init-model", help="write a random-weight checkpoint in Hugging Face layout")
     i.add_argument("--preset", required=True)
@@ -166,5 +274,8 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         print(f"herd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except RuntimeError as exc:
+        print(f"herd: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
