@@ -2,11 +2,10 @@
 import argparse
 import json
 import logging
-import signal
-import threading
 
 from attention_svc.server import build, serve
 from llama4.model import DTYPES
+from llama4.rpc import run_until_signalled
 
 
 def main() -> None:
@@ -30,11 +29,7 @@ def main() -> None:
                         args.route_timeout)
     server, port = serve(servicer, args.host, args.port)
     print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=2).wait()
+    run_until_signalled(server)
 
 
 if __name__ == "__main__":

@@ -56,3 +56,15 @@ def wait_serving(address: str, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{address} did not report SERVING within {timeout:.0f}s")
             time.sleep(0.2)
+
+
+def run_until_signalled(server: grpc.Server, grace: float = 2.0) -> None:
+    """Serve until SIGTERM or SIGINT, then stop with a grace period."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    stop.wait()
+    server.stop(grace=grace).wait()

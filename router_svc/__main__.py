@@ -2,10 +2,9 @@
 import argparse
 import logging
 import os
-import signal
-import threading
 
 from llama4.model import DTYPES
+from llama4.rpc import run_until_signalled
 from router_svc.server import serve
 
 
@@ -25,11 +24,7 @@ def main() -> None:
     redis_url = os.environ["HERD_REDIS_URL"]  # carries the password: environment, not argv
     server, port, _ = serve(args.model, DTYPES[args.dtype], redis_url, args.cluster, args.host, args.port)
     print(f"ROUTER_LISTENING {args.host}:{port}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    stop.wait()
-    server.stop(grace=2).wait()
+    run_until_signalled(server)
 
 
 if __name__ == "__main__":
