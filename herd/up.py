@@ -17,7 +17,7 @@ from pathlib import Path
 
 from herd.deploy import DeployConfig, place_experts
 from herd.redis_server import RedisServer
-from llama4.checkpoint import Checkpoint
+from llama4.config import ModelConfig
 from llama4.registry import WorkerRegistry
 from llama4.rpc import wait_serving
 from llama4.store import resolve_model
@@ -46,7 +46,7 @@ class Cluster:
     def _start(self) -> None:
         cfg = self.cfg
         model_path = str(resolve_model(cfg.model))
-        ckpt_cfg = Checkpoint(model_path).config
+        ckpt_cfg = ModelConfig.from_dir(model_path)
         shards = place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement)
         if cfg.redis_url:
             redis_url = cfg.redis_url

@@ -12,10 +12,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from llama4.checkpoint import save_checkpoint
 from llama4.errors import HerdInputError
 from llama4.presets import PRESETS, preset
-from llama4.weights import random_tensors
 
 # The embedded default: SmolLM2-135M-Instruct turned into a Llama 4 MoE (llama4.convert).
 DEFAULT_MODEL = "smollm2-moe"
@@ -27,6 +25,9 @@ def cache_home() -> Path:
 
 def write_random_checkpoint(name: str, out: str | Path, seed: int = 0) -> Path:
     """`herd init-model`: a random-weight checkpoint of preset `name` that transformers loads."""
+    from llama4.checkpoint import save_checkpoint
+    from llama4.weights import random_tensors
+
     cfg = preset(name)
     out = Path(out)
     save_checkpoint(out, cfg, random_tensors(cfg, seed))
