@@ -2,6 +2,7 @@
 import argparse
 import json
 import logging
+import os
 
 from attention_svc.server import build, serve
 from llama4.model import DTYPES
@@ -18,6 +19,8 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--batching", default="{}", help="JSON: max_num_seqs, max_step_tokens, max_cache_tokens, ...")
     ap.add_argument("--route-timeout", type=float, default=60.0)
+    ap.add_argument("--kv-ttl", type=int, default=3600, help="seconds a KV block stays in Redis")
+    ap.add_argument("--no-kv-tier", action="store_true", help="do not use Redis for KV (HERD_REDIS_URL)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s attention %(levelname)s %(message)s")
@@ -25,8 +28,9 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
+    redis_url = None if args.no_kv_tier else os.environ.get("HERD_REDIS_URL")  # environment: it carries a password
     servicer, _ = build(args.model, args.router, DTYPES[args.dtype], args.device, json.loads(args.batching),
-                        args.route_timeout)
+                        args.route_timeout, redis_url, args.kv_ttl)
     server, port = serve(servicer, args.host, args.port)
     print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
     run_until_signalled(server)

@@ -16,6 +16,7 @@ import uuid
 import grpc
 import torch
 
+from attention_svc.kv_tier import RedisKVTier, SessionUnavailable
 from attention_svc.remote_moe import RemoteMoE
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
@@ -108,16 +109,17 @@ class EngineLoop:
 
 
 class LlamaServicer(llama_pb2_grpc.LlamaServicer):
-    def __init__(self, model_name: str, loop: EngineLoop, tokenizer: Tokenizer, moe: RemoteMoE | None):
-        self.model_name, self.loop, self.tok, self.moe = model_name, loop, tokenizer, moe
+    def __init__(self, model_name: str, loop: EngineLoop, tokenizer: Tokenizer, moe: RemoteMoE | None,
+                 kv_tier: RedisKVTier | None = None):
+        self.model_name, self.loop, self.tok, self.moe, self.kv_tier = model_name, loop, tokenizer, moe, kv_tier
         self.cfg = loop.engine.cfg
 
     # ---- input at the edge ----
-    def _ids(self, which: str, msg) -> list[int]:
+    def _ids(self, which: str, msg, add_bos: bool = True) -> list[int]:
         if which == "text":
             if not msg.text:
                 raise HerdInputError("text is empty; allowed: a non-empty prompt")
-            return self.tok.encode(msg.text, add_bos=True)
+            return self.tok.encode(msg.text, add_bos=add_bos)
         if which == "ids":
             return list(msg.ids.ids)
         if which == "chat":
@@ -161,12 +163,20 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
 
     # ---- the API ----
     def Generate(self, request, context):
+        history = []
         try:
-            ids = self._ids(request.WhichOneof("prompt"), request)
+            if request.session_id:
+                if self.kv_tier is None:
+                    raise HerdInputError("session_id needs the Redis KV tier, which this server runs without")
+                history = self.kv_tier.session_tokens(request.session_id)
+            ids = self._ids(request.WhichOneof("prompt"), request, add_bos=not history)
             params = self._params(request.sampling)
         except HerdInputError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex)
+        except SessionUnavailable as exc:
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        req = Request(history + ids, params, request_id=request.request_id or uuid.uuid4().hex,
+                      session_id=request.session_id)
         decoder = IncrementalDecoder(self.tok)
         for ev in self._run(req, context):
             out = llama_pb2.GenerateResponse()
@@ -199,8 +209,14 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
 
     def Status(self, request, context):
         out = llama_pb2.ClusterStatus(model=self.model_name, steps=self.loop.steps,
+                                      tokens_computed=self.loop.engine.tokens_computed,
                                       recent_batch_sizes=list(self.loop.recent_batch_sizes),
                                       running=len(self.loop.engine.running), waiting=len(self.loop.engine.waiting))
+        if self.kv_tier is not None:
+            st = self.kv_tier.stats
+            out.kv_tier.CopyFrom(llama_pb2.KVTierStatus(
+                enabled=True, hits=st.hits, misses=st.misses, tokens_loaded=st.tokens_loaded, bytes_read=st.bytes_read,
+                bytes_written=st.bytes_written, load_seconds=st.load_seconds, corrupt=st.corrupt, errors=st.errors))
         if self.moe is not None:
             out.route_rpcs = self.moe.route_rpcs
             try:
@@ -211,7 +227,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
 
 
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
-          route_timeout: float = 60.0) -> tuple[LlamaServicer, RemoteMoE | None]:
+          route_timeout: float = 60.0, redis_url: str | None = None, kv_ttl_s: int = 3600) -> tuple[LlamaServicer, RemoteMoE | None]:
     ckpt = Checkpoint(model_path)
     moe = RemoteMoE(router_address, timeout=route_timeout) if router_address else None
     if moe is None:
@@ -219,7 +235,12 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
     else:
         model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
     engine = Engine(model, **batching)
-    return LlamaServicer(model_path, EngineLoop(engine), Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id), moe), moe
+    tier = None
+    if redis_url:
+        tier = RedisKVTier(redis_url, ckpt.fingerprint(), engine.cache, ttl_s=kv_ttl_s)
+        engine.kv_tier = tier
+    tok = Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id)
+    return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier), moe
 
 
 def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0):

@@ -134,6 +134,13 @@ def cmd_status(args) -> int:
               f"rpcs {w.rpcs} rows {w.rows}")
     for load in r.loads:
         print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
+    kv = st.kv_tier
+    if kv.enabled:
+        print(f"kv tier: {kv.hits} hits, {kv.misses} misses, {kv.tokens_loaded} tokens loaded in {kv.load_seconds:.3f}s, "
+              f"{kv.bytes_read / 2**20:.1f} MiB read, {kv.bytes_written / 2**20:.1f} MiB written, "
+              f"{kv.corrupt} corrupt entries, {kv.errors} redis errors")
+    else:
+        print("kv tier: off")
     return 0
 
 

@@ -21,7 +21,8 @@ PLACEMENTS = ("contiguous", "round-robin")
 class Batching:
     max_num_seqs: int = 64  # sequences decoded together
     max_step_tokens: int = 2048  # tokens per forward step (prefill chunks + decodes)
-    max_cache_tokens: int = 65536  # KV cache capacity, tokens
+    max_cache_tokens: int = 65536  # in-memory KV cache capacity, tokens (admission waits beyond it)
+    block_size: int = 16  # tokens per KV block: the unit the Redis tier stores
 
 
 @dataclass
@@ -38,6 +39,9 @@ class DeployConfig:
     router_port: int = 0
     dashboard: bool = True
     redis_url: str | None = None  # None: herd starts a private redis-server
+    kv_tier: bool = True  # prefix cache and sessions in Redis
+    kv_ttl_s: int = 3600  # seconds a KV block or session stays in Redis
+    redis_maxmemory: str = "1gb"  # for the private redis-server (LRU eviction beyond it)
     route_timeout_s: float = 60.0
     startup_timeout_s: float = 300.0
     cluster: str = "herd"
@@ -63,6 +67,8 @@ class DeployConfig:
         need(b.max_num_seqs >= 1, "batching.max_num_seqs", b.max_num_seqs, "an integer >= 1")
         need(b.max_step_tokens >= 1, "batching.max_step_tokens", b.max_step_tokens, "an integer >= 1")
         need(b.max_cache_tokens >= 64, "batching.max_cache_tokens", b.max_cache_tokens, "an integer >= 64")
+        need(1 <= b.block_size <= b.max_cache_tokens, "batching.block_size", b.block_size, "1 to max_cache_tokens")
+        need(self.kv_ttl_s >= 1, "kv_ttl_s", self.kv_ttl_s, "an integer >= 1")
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> "DeployConfig":

@@ -29,8 +29,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 class RedisServer:
-    def __init__(self, host: str = "127.0.0.1", maxmemory: str = "512mb"):
-        self.host, self.port, self.password = host, free_port(host), secrets.token_urlsafe(24)
+    def __init__(self, host: str = "127.0.0.1", maxmemory: str = "1gb", port: int | None = None,
+                 password: str | None = None):
+        self.host, self.port = host, port or free_port(host)
+        self.password = password or secrets.token_urlsafe(24)
         args = [redis_server_binary(), "--bind", host, "--port", str(self.port), "--save", "", "--appendonly", "no",
                 "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--protected-mode", "yes"]
         # The password goes in through stdin-config, not argv (argv is visible to every user).

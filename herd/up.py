@@ -51,7 +51,7 @@ class Cluster:
         if cfg.redis_url:
             redis_url = cfg.redis_url
         else:
-            self.redis = RedisServer(cfg.host)
+            self.redis = RedisServer(cfg.host, maxmemory=cfg.redis_maxmemory)
             redis_url = self.redis.url
         registry = WorkerRegistry(redis_url, cfg.cluster)
         registry.clear()
@@ -80,7 +80,8 @@ class Cluster:
         self.attention_address = self._spawn("attention", [
             "-m", "attention_svc", "--model", model_path, "--router", self.router_address, "--dtype", cfg.dtype,
             "--device", cfg.device, "--host", cfg.host, "--port", str(cfg.attention_port), "--batching", batching,
-            "--route-timeout", str(cfg.route_timeout_s)], env, "ATTENTION_LISTENING")
+            "--route-timeout", str(cfg.route_timeout_s), "--kv-ttl", str(cfg.kv_ttl_s),
+            *([] if cfg.kv_tier else ["--no-kv-tier"])], env, "ATTENTION_LISTENING")
         wait_serving(self.attention_address, cfg.startup_timeout_s)
 
     def _start_ray(self) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -25,6 +26,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     prompt_logprobs: bool = False  # score mode: log p(token_i | tokens_<i) for the prompt
+    session_id: str = ""  # the conversation this turn belongs to (its KV outlives the request)
 
 
 @dataclass
@@ -36,6 +38,9 @@ class Sequence:
     output_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     finish_reason: str | None = None
+    block_hashes: list[bytes] = field(default_factory=list)  # chained prefix hashes (KV tier)
+    num_cached: int = 0  # prompt tokens loaded from the KV tier instead of computed
+    num_blocks_saved: int = 0  # leading full blocks already in the KV tier
 
     @property
     def id(self) -> str:
@@ -61,6 +66,19 @@ class TokenEvent:
     logprob: float | None
 
 
+class KVTier(Protocol):
+    """A second KV tier behind the in-memory cache (see attention_svc.kv_tier)."""
+
+    def load_prefix(self, seq: "Sequence", cache) -> int:
+        """Load the longest cached prefix of seq.tokens into cache; returns its length in tokens."""
+
+    def store(self, seq: "Sequence", cache, end: int) -> None:
+        """Save every full block of seq below position `end` not saved yet."""
+
+    def finish(self, seq: "Sequence") -> None:
+        """The sequence is done (its session, if any, is saved)."""
+
+
 @dataclass
 class StepStats:
     num_seqs: int
@@ -70,8 +88,11 @@ class StepStats:
 
 class Engine:
     def __init__(self, model: Llama4Model, max_num_seqs: int = 64, max_step_tokens: int = 2048,
-                 max_cache_tokens: int = 65536, block_size: int = 16, max_model_len: int | None = None):
+                 max_cache_tokens: int = 65536, block_size: int = 16, max_model_len: int | None = None,
+                 kv_tier: KVTier | None = None):
         self.model = model
+        self.kv_tier = kv_tier
+        self.tokens_computed = 0  # tokens that went through the model (prefill + decode)
         self.cfg = model.cfg
         self.cache = model.new_cache(max_cache_tokens, block_size)
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
@@ -133,6 +154,9 @@ class Engine:
                 break
             self.waiting.popleft()
             self.running.append(seq)
+            if self.kv_tier is not None and not seq.request.prompt_logprobs:
+                seq.num_computed = seq.num_cached = self.kv_tier.load_prefix(seq, self.cache)
+                n = min(len(seq.tokens) - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
         return batch
@@ -160,6 +184,7 @@ class Engine:
         logprobs = torch.log_softmax(logits, dim=-1)
         greedy = torch.argmax(logits, dim=-1).tolist()
         self.last_step = StepStats(len(batch), len(tokens), sum(1 for _, n in batch if n == 1))
+        self.tokens_computed += len(tokens)
 
         events, row = [], 0
         row_of = {r: i for i, r in enumerate(logit_rows)}
@@ -173,6 +198,8 @@ class Engine:
                     if pos < seq.num_prompt:
                         seq.prompt_logprobs.append(float(logprobs[row_of[row + j], seq.tokens[pos]]))
             seq.num_computed += n
+            if self.kv_tier is not None:
+                self.kv_tier.store(seq, self.cache, seq.num_computed)  # before chunked blocks are released
             self.cache.release_before(seq.id, seq.num_computed)
             last = row + n - 1
             row += n
@@ -200,6 +227,8 @@ class Engine:
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self.cache.free(seq.id)
+            if self.kv_tier is not None and seq.finish_reason != "abort":
+                self.kv_tier.finish(seq)
         self.waiting = deque(s for s in self.waiting if not s.finished)
 
     def run(self, requests: list[Request]) -> list[Sequence]:

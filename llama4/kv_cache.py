@@ -160,6 +160,28 @@ class KVCache:
         self.k[layer].view(-1, *k.shape[1:])[slots] = k
         self.v[layer].view(-1, *v.shape[1:])[slots] = v
 
+    def layers_of(self, kind: str) -> list[int]:
+        return [l for l, k in enumerate(self.layer_kind) if k == kind]
+
+    def block_slots(self, seq_id, kind: str, block: int) -> torch.Tensor:
+        bs = self.block_size
+        return self._slots(self.tables[seq_id][kind], block * bs, (block + 1) * bs)
+
+    def read_block(self, seq_id, kind: str, block: int) -> torch.Tensor:
+        """[layers of kind, 2 (k, v), block_size, Hkv, D] for one block of a sequence."""
+        slots = self.block_slots(seq_id, kind, block)
+        parts = []
+        for l in self.layers_of(kind):
+            parts.append(torch.stack([self.k[l].view(-1, *self.k[l].shape[2:])[slots],
+                                      self.v[l].view(-1, *self.v[l].shape[2:])[slots]]))
+        return torch.stack(parts)
+
+    def write_block(self, seq_id, kind: str, block: int, data: torch.Tensor) -> None:
+        slots = self.block_slots(seq_id, kind, block)
+        for i, l in enumerate(self.layers_of(kind)):
+            self.k[l].view(-1, *self.k[l].shape[2:])[slots] = data[i, 0]
+            self.v[l].view(-1, *self.v[l].shape[2:])[slots] = data[i, 1]
+
     def gather(self, layer: int, view: KeyView) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S, Hkv, D] keys and values for one attention group."""
         flat_k = self.k[layer].view(-1, *self.k[layer].shape[2:])
