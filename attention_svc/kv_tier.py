@@ -12,7 +12,7 @@ for Llama 4 (3 of 4 layers chunked, 8192-token chunks) a 100K-token prefix loads
 bytes a naive cache would.
 
 Format. A 54-byte header (magic, format version, dtype, layer kind, layers, KV heads, head
-dim, block size, end position, model fingerprint, blake2b checksum of the payload) and the
+dim, block size, end position, model fingerprint, CRC-32 of the payload) and the
 raw tensor bytes [layers, 2, block, Hkv, D]. No pickle. An entry that fails any check is
 counted, deleted and recomputed.
 
@@ -26,6 +26,8 @@ import logging
 import struct
 import threading
 import time
+import warnings
+import zlib
 from dataclasses import dataclass
 
 import redis
@@ -53,6 +55,11 @@ class TierStats:
     load_seconds: float = 0.0
     corrupt: int = 0
     errors: int = 0
+
+
+def _checksum(payload) -> bytes:
+    """CRC-32 (corruption detection, not authentication), padded to the header's 16 bytes."""
+    return zlib.crc32(payload).to_bytes(4, "little") + bytes(12)
 
 
 class CorruptEntry(ValueError):
@@ -96,7 +103,7 @@ class RedisKVTier:
     def encode(self, kind: str, end_pos: int, data: torch.Tensor) -> bytes:
         payload = data.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
         layers, _, bs, hkv, d = data.shape
-        digest = hashlib.blake2b(payload, digest_size=16).digest()
+        digest = _checksum(payload)
         header = HEADER.pack(MAGIC, VERSION, _DTYPE_CODES[self.dtype_name], _KIND_CODES[kind], layers, hkv, d, bs,
                              end_pos, self.fingerprint, digest)
         return header + payload
@@ -112,11 +119,13 @@ class RedisKVTier:
             raise CorruptEntry("dtype, layer kind or model fingerprint mismatch")
         if (layers, 2, bs, hkv, d) != shape or end != end_pos:
             raise CorruptEntry(f"shape {(layers, 2, bs, hkv, d)} / end {end}; expected {shape} / {end_pos}")
-        payload = raw[HEADER.size:]
+        payload = memoryview(raw)[HEADER.size:]
         expected = torch.Size(shape).numel() * torch.tensor([], dtype=WIRE_DTYPES[self.dtype_name]).element_size()
-        if len(payload) != expected or hashlib.blake2b(payload, digest_size=16).digest() != digest:
+        if len(payload) != expected or _checksum(payload) != digest:
             raise CorruptEntry("payload length or checksum mismatch")
-        return torch.frombuffer(bytearray(payload), dtype=WIRE_DTYPES[self.dtype_name]).view(shape)
+        with warnings.catch_warnings():  # read-only view of the reply: it is only copied into the cache
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(payload, dtype=WIRE_DTYPES[self.dtype_name]).view(shape)
 
     # ---- the KVTier protocol ----
     def _available(self) -> bool:
@@ -176,8 +185,10 @@ class RedisKVTier:
             self.stats.misses += 1
             return 0
         cache.ensure(seq.id, n * self.bs)
-        for i, kind in self._needed(n):
-            cache.write_block(seq.id, kind, i, blocks[(i, kind)].to(cache.device))
+        for kind in self.kinds:
+            ids = [i for i, k in self._needed(n) if k == kind]
+            if ids:
+                cache.write_blocks(seq.id, kind, ids, torch.stack([blocks[(i, kind)] for i in ids]).to(cache.device))
         cache.release_before(seq.id, n * self.bs)
         seq.num_blocks_saved = n
         self.stats.hits += 1

@@ -176,11 +176,13 @@ class KVCache:
                                       self.v[l].view(-1, *self.v[l].shape[2:])[slots]]))
         return torch.stack(parts)
 
-    def write_block(self, seq_id, kind: str, block: int, data: torch.Tensor) -> None:
-        slots = self.block_slots(seq_id, kind, block)
+    def write_blocks(self, seq_id, kind: str, blocks: list[int], data: torch.Tensor) -> None:
+        """data [len(blocks), layers of kind, 2, block_size, Hkv, D] into those blocks of a sequence."""
+        slots = torch.cat([self.block_slots(seq_id, kind, b) for b in blocks])
+        per_layer = data.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [layers, 2, blocks * block_size, Hkv, D]
         for i, l in enumerate(self.layers_of(kind)):
-            self.k[l].view(-1, *self.k[l].shape[2:])[slots] = data[i, 0]
-            self.v[l].view(-1, *self.v[l].shape[2:])[slots] = data[i, 1]
+            self.k[l].view(-1, *self.k[l].shape[2:])[slots] = per_layer[i, 0]
+            self.v[l].view(-1, *self.v[l].shape[2:])[slots] = per_layer[i, 1]
 
     def gather(self, layer: int, view: KeyView) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S, Hkv, D] keys and values for one attention group."""

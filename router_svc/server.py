@@ -13,6 +13,7 @@ import threading
 import time
 
 import grpc
+import redis
 import torch
 
 from herdpb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
@@ -50,8 +51,13 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     # ---- placement map, from the registry ----
     def refresh(self) -> None:
+        try:
+            published = self.registry.workers()
+        except redis.RedisError as exc:  # keep the last known placement; retried on the next failure
+            log.warning("worker registry unavailable: %s", exc)
+            return
         with self._lock:
-            for index, info in self.registry.workers().items():
+            for index, info in published.items():
                 current = self.workers.get(index)
                 if current is None or current.address != info["address"]:
                     if current is not None:
