@@ -6,6 +6,7 @@ its new address to the registry, where the router picks it up.
 """
 from __future__ import annotations
 
+import ipaddress
 import os
 
 import ray
@@ -25,7 +26,9 @@ class ExpertWorker:
         self.index, self.experts = index, experts
         try:
             self.server, port, self.servicer = serve(model_path, experts, DTYPES[dtype], device, host=host)
-            self.address = f"{host}:{port}"
+            # Bound to every interface (Kubernetes): publish the node's address, not 0.0.0.0.
+            advertised = ray.util.get_node_ip_address() if ipaddress.ip_address(host).is_unspecified else host
+            self.address = f"{advertised}:{port}"
             WorkerRegistry(redis_url, cluster).publish(index, self.address, experts, os.getpid())
         except Exception as exc:  # a worker that cannot serve must not look alive: Ray restarts it
             print(f"expert-worker-{index}: failed to start: {exc!r}", flush=True)

@@ -169,6 +169,35 @@ def cmd_up(args) -> int:
     return 0
 
 
+def cmd_workers(args) -> int:
+    """Expert workers on an existing Ray cluster (KubeRay); runs until stopped, watching them."""
+    import os
+    import signal
+    import threading
+
+    import ray
+
+    from herd.deploy import DeployConfig
+    from herd.up import start_expert_workers
+    from llama4.store import resolve_model
+
+    cfg = DeployConfig.load(args.config)
+    redis_url = os.environ.get("HERD_REDIS_URL") or cfg.redis_url
+    if not redis_url:
+        raise HerdInputError("workers: set HERD_REDIS_URL (or redis_url in the config) for the worker registry")
+    ray.init(address=args.ray_address, namespace="herd", logging_level="ERROR", log_to_driver=False)
+    actors, infos = start_expert_workers(cfg, str(resolve_model(cfg.model)), redis_url)
+    print(f"expert workers serving: {[i['address'] for i in infos]}", flush=True)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    while not stop.wait(10.0):
+        pass  # Ray restarts dead workers (max_restarts=-1); this process owns them
+    for actor in actors:
+        ray.kill(actor, no_restart=True)
+    return 0
+
+
 def _demo(cluster, prompt: str) -> int:
     """The README's main job: one chat request through the cluster, streamed, with a summary."""
     from herd.client import Client
@@ -250,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--workers", type=int, help="override the number of expert workers")
     u.add_argument("--prompt", help="send this chat prompt, print the answer and a summary, then stop")
     u.set_defaults(func=cmd_up)
+
+    w = sub.add_parser("workers", help="start expert workers on an existing Ray cluster (Kubernetes)")
+    w.add_argument("--config", help="deployment YAML")
+    w.add_argument("--ray-address", default="auto")
+    w.set_defaults(func=cmd_workers)
 
     st = sub.add_parser("status", help="workers, their experts, health, load per expert, batch sizes")
     st.add_argument("--target", required=True, help="HOST:PORT of the attention service")

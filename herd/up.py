@@ -47,27 +47,14 @@ class Cluster:
         cfg = self.cfg
         model_path = str(resolve_model(cfg.model))
         ckpt_cfg = ModelConfig.from_dir(model_path)
-        shards = place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement)
+        place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement)  # fail before starting anything
         if cfg.redis_url:
             redis_url = cfg.redis_url
         else:
             self.redis = RedisServer(cfg.host, maxmemory=cfg.redis_maxmemory)
             redis_url = self.redis.url
-        registry = WorkerRegistry(redis_url, cfg.cluster)
-        registry.clear()
         self._start_ray()
-        from expert_svc.actor import ExpertWorker
-
-        import ray
-
-        for i, experts in enumerate(shards):
-            opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker,
-                        lifetime=None)
-            self.actors.append(ExpertWorker.options(**opts).remote(
-                i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads))
-        infos = ray.get([a.info.remote() for a in self.actors], timeout=cfg.startup_timeout_s)
-        for info in infos:
-            wait_serving(info["address"], cfg.startup_timeout_s)
+        self.actors, infos = start_expert_workers(cfg, model_path, redis_url)
         shards_text = ", ".join(f"{i['address']} experts {_span(i['experts'])}" for i in infos)
         self.log(f"expert workers: {len(infos)} ({shards_text})")
 
@@ -146,6 +133,27 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
+    """One ExpertWorker actor per shard on the connected Ray cluster; waits until each serves.
+
+    Used by `herd up` (local Ray) and `herd workers` (an existing Ray cluster, e.g. KubeRay)."""
+    import ray
+
+    from expert_svc.actor import ExpertWorker
+
+    shards = place_experts(ModelConfig.from_dir(model_path).num_local_experts, cfg.workers, cfg.placement)
+    WorkerRegistry(redis_url, cfg.cluster).clear()
+    actors = []
+    for i, experts in enumerate(shards):
+        opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker)
+        actors.append(ExpertWorker.options(**opts).remote(
+            i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads))
+    infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)
+    for info in infos:
+        wait_serving(info["address"], cfg.startup_timeout_s)
+    return actors, infos
 
 
 def _span(experts: list[int]) -> str:
