@@ -204,3 +204,22 @@ def test_cli_score_and_status_through_the_cluster(cluster, herd_home):
     assert st.returncode == 0 and "worker 3" in st.stdout and "experts [96" in st.stdout
     bad = run("score", "--target", cluster.attention_address, "--ids", "1,999999")
     assert bad.returncode == 2 and "999999" in bad.stderr
+
+
+def test_cancel_and_deadline_free_the_sequence(client):
+    req = llama_pb2.GenerateRequest(ids=llama_pb2.TokenIds(ids=[1, 2, 3, 4]))
+    req.sampling.max_tokens, req.sampling.ignore_eos = 3000, True  # minutes of work unless aborted
+    call = client.stub.Generate(req, timeout=120)
+    for i, _ in enumerate(call):
+        if i == 2:
+            call.cancel()
+            break
+    expired = client.stub.Generate(req, timeout=0.5)
+    with pytest.raises(grpc.RpcError) as err:
+        list(expired)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (client.status().running or client.status().waiting):
+        time.sleep(0.2)
+    status = client.status()
+    assert status.running == 0 and status.waiting == 0  # neither request still holds the engine
