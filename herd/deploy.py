@@ -32,6 +32,7 @@ class DeployConfig:
     dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
     workers: int = 4  # expert workers (Ray actors)
     placement: str = "contiguous"
+    replicas: int = 1  # workers holding each expert: >1 survives a worker's death without waiting
     gpus_per_worker: float = 0.0
     worker_threads: int = 1  # torch threads per expert worker
     host: str = "127.0.0.1"  # every listener binds here
@@ -56,6 +57,8 @@ class DeployConfig:
         need(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "cpu or cuda[:N]")
         need(isinstance(self.workers, int) and self.workers >= 1, "workers", self.workers, "an integer >= 1")
         need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))
+        need(isinstance(self.replicas, int) and 1 <= self.replicas <= self.workers, "replicas", self.replicas,
+             f"an integer from 1 to workers={self.workers}")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
         need(self.worker_threads >= 1, "worker_threads", self.worker_threads, "an integer >= 1")
         for name in ("attention_port", "router_port"):
@@ -94,11 +97,13 @@ class DeployConfig:
         return cfg
 
 
-def place_experts(num_experts: int, num_workers: int, policy: str) -> list[list[int]]:
-    """Experts held by each worker (every expert on exactly one worker)."""
+def place_experts(num_experts: int, num_workers: int, policy: str, replicas: int = 1) -> list[list[int]]:
+    """Experts held by each worker: shard s goes to workers s, s+1, ..., s+replicas-1 (mod workers)."""
     if num_workers > num_experts:
         raise HerdInputError(f"config: workers={num_workers} exceeds the model's {num_experts} experts")
     if policy == "round-robin":
-        return [list(range(w, num_experts, num_workers)) for w in range(num_workers)]
-    bounds = [round(w * num_experts / num_workers) for w in range(num_workers + 1)]
-    return [list(range(bounds[w], bounds[w + 1])) for w in range(num_workers)]
+        shards = [list(range(w, num_experts, num_workers)) for w in range(num_workers)]
+    else:
+        bounds = [round(w * num_experts / num_workers) for w in range(num_workers + 1)]
+        shards = [list(range(bounds[w], bounds[w + 1])) for w in range(num_workers)]
+    return [sorted(e for r in range(replicas) for e in shards[(w - r) % num_workers]) for w in range(num_workers)]

@@ -47,7 +47,7 @@ class Cluster:
         cfg = self.cfg
         model_path = str(resolve_model(cfg.model))
         ckpt_cfg = ModelConfig.from_dir(model_path)
-        place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement)  # fail before starting anything
+        place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement, cfg.replicas)  # fail before starting anything
         if cfg.redis_url:
             redis_url = cfg.redis_url
         else:
@@ -143,7 +143,7 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
 
     from expert_svc.actor import ExpertWorker
 
-    shards = place_experts(ModelConfig.from_dir(model_path).num_local_experts, cfg.workers, cfg.placement)
+    shards = place_experts(ModelConfig.from_dir(model_path).num_local_experts, cfg.workers, cfg.placement, cfg.replicas)
     WorkerRegistry(redis_url, cfg.cluster).clear()
     actors = []
     for i, experts in enumerate(shards):

@@ -2,9 +2,10 @@
 
 Per Route call: route every row (score on the input), group rows by the worker that
 holds their expert, send one concurrent RunExperts per worker that got rows, and scatter
-the answers back to token order. A worker that answers UNAVAILABLE (killed, restarting)
-is looked up again in the registry and retried until the caller's deadline: RunExperts
-is idempotent.
+the answers back to token order. Where an expert has replicas, each expert's rows go to one
+of its healthy replicas. A worker that answers UNAVAILABLE (killed, restarting) is marked
+down: its rows go at once to another replica, or, without one, wait for the worker to
+publish its new address; RunExperts is idempotent, so retries run until the caller's deadline.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from llama4.wire import WireError, decode, fill
 log = logging.getLogger("herd.router")
 MAX_ROWS = 1 << 16
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+RETRY_DOWN_AFTER_S = 5.0
 
 
 class _Worker:
@@ -36,6 +38,14 @@ class _Worker:
         self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
         self.rpcs = self.rows = 0
         self.healthy = True
+        self.down_since = 0.0
+
+    def usable(self) -> bool:
+        # A worker marked down is tried again after a while (it may have been a blip).
+        return self.healthy or time.monotonic() - self.down_since > RETRY_DOWN_AFTER_S
+
+    def mark_down(self) -> None:
+        self.healthy, self.down_since = False, time.monotonic()
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -44,7 +54,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.routers = load_routers(ckpt, dtype, "cpu")
         self.worker_timeout = worker_timeout
         self.workers: dict[int, _Worker] = {}
-        self.owner = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
+        self.replicas: dict[int, list[int]] = {}  # expert -> workers holding it
         self.load = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.routers}
         self.routes = self.retries = self.worker_rpcs = 0
         self._lock = threading.Lock()
@@ -57,7 +67,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             log.warning("worker registry unavailable: %s", exc)
             return
         with self._lock:
-            for index, info in published.items():
+            replicas: dict[int, list[int]] = {}
+            for index, info in sorted(published.items()):
                 current = self.workers.get(index)
                 if current is None or current.address != info["address"]:
                     if current is not None:
@@ -65,10 +76,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                         log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
                     self.workers[index] = _Worker(index, info["address"], info["experts"])
                 for e in info["experts"]:
-                    self.owner[e] = index
+                    replicas.setdefault(e, []).append(index)
+            self.replicas = replicas
 
     def missing_experts(self) -> list[int]:
-        return (self.owner < 0).nonzero().flatten().tolist()
+        return [e for e in range(self.cfg.num_local_experts) if e not in self.replicas]
+
+    def _assign(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The worker for each row: one usable replica per expert (spread by expert id), -1 if none."""
+        choice = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
+        for e in expert_ids.unique().tolist():
+            holders = self.replicas.get(e, [])
+            usable = [w for w in holders if self.workers[w].usable()]
+            if usable:
+                choice[e] = usable[e % len(usable)]
+        return choice[expert_ids]
 
     # ---- the data path ----
     def Route(self, request, context):
@@ -91,42 +113,44 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, deadline: float) -> torch.Tensor:
         y = torch.empty_like(x)
-        owners = self.owner[expert_ids]
-        pending = {int(w): (owners == w).nonzero().flatten() for w in owners.unique().tolist()}
-        while pending:
-            if -1 in pending:
+        todo = torch.arange(x.shape[0])
+        while todo.numel():
+            owner = self._assign(expert_ids[todo])
+            if (owner < 0).any():  # every holder is down: wait for one to (re)publish
+                if time.monotonic() >= deadline:
+                    raise _unavailable(f"no usable worker holds experts {expert_ids[todo][owner < 0].unique().tolist()}")
+                time.sleep(0.2)
                 self.refresh()
-                owners = self.owner[expert_ids]
-                pending = {int(w): (owners == w).nonzero().flatten() for w in owners.unique().tolist()}
-                if -1 in pending:
-                    raise _unavailable(f"no worker holds experts {self.missing_experts()}")
-            calls = {}
-            for w, rows in pending.items():
+                continue
+            calls = []
+            for w in owner.unique().tolist():
+                rows = todo[owner == w]
                 worker = self.workers[w]
                 req = expert_pb2.RunExpertsRequest(layer=layer, expert_ids=expert_ids[rows].tolist())
                 fill(req.x, x[rows])
-                calls[w] = (worker, worker.stub.RunExperts.future(req, timeout=max(deadline - time.monotonic(), 0.01)))
-            failed = {}
-            for w, (worker, call) in calls.items():
-                rows = pending[w]
+                calls.append((worker, rows, worker.stub.RunExperts.future(req, timeout=max(deadline - time.monotonic(), 0.01))))
+            failed = []
+            for worker, rows, call in calls:
                 try:
                     resp = call.result()
                 except grpc.RpcError as exc:
                     if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
                         raise
-                    worker.healthy = False
-                    failed[w] = rows
+                    log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address, exc.code())
+                    worker.mark_down()
+                    failed.append(rows)
                     continue
                 worker.healthy = True
                 worker.rpcs += 1
                 worker.rows += len(rows)
                 self.worker_rpcs += 1
-                y[rows] = decode(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows), what="y").view(len(rows), -1)
+                y[rows] = decode(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows), what="y")
             if failed:
                 self.retries += 1
-                time.sleep(0.2)  # a restarting worker needs a moment to publish its new address
-                self.refresh()
-            pending = failed
+                self.refresh()  # a restarted worker may already have published its new address
+                todo = torch.cat(failed)
+            else:
+                todo = todo[:0]
         return y
 
     def Status(self, request, context):
