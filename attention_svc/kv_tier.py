@@ -184,6 +184,8 @@ class RedisKVTier:
         if n == 0:
             self.stats.misses += 1
             return 0
+        if cache.blocks_needed(seq.id, n * self.bs) * self.bs > cache.num_free_tokens():
+            return 0  # no room now: the scheduler's chunked prefill recomputes within the budget
         cache.ensure(seq.id, n * self.bs)
         for kind in self.kinds:
             ids = [i for i, k in self._needed(n) if k == kind]

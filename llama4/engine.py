@@ -150,8 +150,8 @@ class Engine:
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             n = min(len(seq.tokens), budget)
-            if self.cache.blocks_needed(seq.id, n) * self.cache.block_size > self.cache.num_free_tokens():
-                break
+            if not self._fits(seq):
+                break  # it waits: admitted sequences must be able to finish without preemption
             self.waiting.popleft()
             self.running.append(seq)
             if self.kv_tier is not None and not seq.request.prompt_logprobs:
@@ -160,6 +160,12 @@ class Engine:
             batch.append((seq, n))
             budget -= n
         return batch
+
+    def _fits(self, new: Sequence) -> bool:
+        """Whether the cache can hold every running sequence and `new` up to their last token."""
+        final = lambda s: s.num_prompt + s.request.params.max_tokens
+        blocks = sum(max(self.cache.blocks_needed(s.id, final(s)), 0) for s in [*self.running, new])
+        return blocks * self.cache.block_size <= self.cache.num_free_tokens()
 
     def step(self) -> list[TokenEvent]:
         batch = self._schedule()
@@ -181,7 +187,7 @@ class Engine:
         device = self.model.device
         logits = self.model.forward(torch.tensor(tokens, device=device), plan, self.cache,
                                     torch.tensor(logit_rows, dtype=torch.long, device=device))
-        logprobs = torch.log_softmax(logits, dim=-1)
+        log_z = torch.logsumexp(logits, dim=-1)  # [M]: log p(t) = logit[t] - log_z, no [M, V] copy
         greedy = torch.argmax(logits, dim=-1).tolist()
         self.last_step = StepStats(len(batch), len(tokens), sum(1 for _, n in batch if n == 1))
         self.tokens_computed += len(tokens)
@@ -196,7 +202,8 @@ class Engine:
                 for j in range(n):
                     pos = start + j + 1  # the token this row predicts
                     if pos < seq.num_prompt:
-                        seq.prompt_logprobs.append(float(logprobs[row_of[row + j], seq.tokens[pos]]))
+                        r = row_of[row + j]
+                        seq.prompt_logprobs.append(float(logits[r, seq.tokens[pos]] - log_z[r]))
             seq.num_computed += n
             if self.kv_tier is not None:
                 self.kv_tier.store(seq, self.cache, seq.num_computed)  # before chunked blocks are released
@@ -211,7 +218,7 @@ class Engine:
                 continue
             i = row_of[last]
             token = greedy[i] if seq.generator is None else sample(logits[i], seq.request.params, seq.generator)
-            lp = float(logprobs[i, token])
+            lp = float(logits[i, token] - log_z[i])
             seq.tokens.append(token)
             seq.output_logprobs.append(lp)
             params = seq.request.params

@@ -84,3 +84,17 @@ def test_bad_requests_are_refused_and_engine_keeps_serving(model, req, needle):
     with pytest.raises(HerdInputError, match=needle):
         engine.add(req)
     assert engine.run([Request([1, 2, 3], SamplingParams(max_tokens=2))])[0].finish_reason in ("length", "stop")
+
+
+def test_requests_beyond_the_cache_wait_and_all_finish(model):
+    ps = prompts(4, [60, 70, 50, 65], seed=4)
+    params = SamplingParams(max_tokens=40, ignore_eos=True)
+    alone = [Engine(model).run([Request(p, params)])[0].output_ids for p in ps]
+    engine = Engine(model, max_cache_tokens=256, block_size=16)  # room for two at a time
+    seqs = [engine.add(Request(p, params)) for p in ps]
+    most = 0
+    while engine.has_work:
+        engine.step()
+        most = max(most, len(engine.running))
+    assert [s.output_ids for s in seqs] == alone
+    assert most == 2
