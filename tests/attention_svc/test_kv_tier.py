@@ -34,8 +34,8 @@ def tokens(n, seed):
     return torch.randint(3, 1024, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
 
 
-def engine_with_tier(model, path, url, **kw):
-    engine = Engine(model, max_step_tokens=4096, **kw)
+def engine_with_tier(model, path, url, max_step_tokens=4096):
+    engine = Engine(model, max_step_tokens=max_step_tokens)
     engine.kv_tier = RedisKVTier(url, Checkpoint(path).fingerprint(), engine.cache)
     return engine
 
@@ -106,10 +106,16 @@ def test_redis_outage_falls_back_to_recompute_and_recovers(scout, redis_server):
     path, model = scout
     prompt = tokens(100, 6)
     reference = run(Engine(model), prompt)
-    engine = engine_with_tier(model, path, redis_server.url)
+    engine = engine_with_tier(model, path, redis_server.url, max_step_tokens=32)
     port, password = redis_server.port, redis_server.password
-    redis_server.stop()
-    assert run(engine, prompt).output_ids == reference.output_ids
+    seq = engine.add(Request(prompt, SamplingParams(max_tokens=12, ignore_eos=True)))
+    engine.step()
+    engine.step()  # two prefill chunks computed and stored
+    assert engine.kv_tier.stats.bytes_written > 0
+    redis_server.stop()  # Redis dies in the middle of the request
+    while engine.has_work:
+        engine.step()
+    assert seq.output_ids == reference.output_ids
     assert engine.kv_tier.stats.errors >= 1
     revived = RedisServer(port=port, password=password)
     try:
