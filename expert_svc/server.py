@@ -30,6 +30,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         self.rows_served = 0
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
 
+    def RunExpertsStream(self, request_iterator, context):
+        for request in request_iterator:
+            yield self.RunExperts(request, context)
+
     def RunExperts(self, request, context):
         try:
             if request.layer not in self.weights:

@@ -21,7 +21,7 @@ from herdpb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from kernels import route_top1
 from llama4.checkpoint import Checkpoint
 from llama4.registry import WorkerRegistry
-from llama4.rpc import channel, start_server
+from llama4.rpc import Duplex, RpcFailure, channel, start_server
 from llama4.weights import load_routers
 from llama4.wire import WireError, decode, fill
 
@@ -36,6 +36,7 @@ class _Worker:
         self.index, self.address, self.experts = index, address, experts
         self.channel = channel(address)
         self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
+        self.stream = Duplex(self.stub.RunExpertsStream)
         self.rpcs = self.rows = 0
         self.healthy = True
         self.down_since = 0.0
@@ -72,6 +73,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 current = self.workers.get(index)
                 if current is None or current.address != info["address"]:
                     if current is not None:
+                        current.stream.close()
                         current.channel.close()
                         log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
                     self.workers[index] = _Worker(index, info["address"], info["experts"])
@@ -93,14 +95,18 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return choice[expert_ids]
 
     # ---- the data path ----
-    def Route(self, request, context):
+    def RouteStream(self, request_iterator, context):
+        for request in request_iterator:
+            yield self.Route(request, context, self.worker_timeout)
+
+    def Route(self, request, context, timeout: float | None = None):
         try:
             if request.layer not in self.routers:
                 raise WireError(f"layer={request.layer} is not a MoE layer; allowed: {sorted(self.routers)}")
             x = decode(request.x, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=MAX_ROWS)
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        deadline = time.monotonic() + (context.time_remaining() or self.worker_timeout)
+        deadline = time.monotonic() + (timeout or context.time_remaining() or self.worker_timeout)
         with torch.inference_mode():
             expert_ids, scaled = route_top1(x, self.routers[request.layer])
         self.load[request.layer] += torch.bincount(expert_ids, minlength=self.cfg.num_local_experts)
@@ -118,24 +124,27 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             owner = self._assign(expert_ids[todo])
             if (owner < 0).any():  # every holder is down: wait for one to (re)publish
                 if time.monotonic() >= deadline:
-                    raise _unavailable(f"no usable worker holds experts {expert_ids[todo][owner < 0].unique().tolist()}")
+                    raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
+                                     f"no usable worker holds experts {expert_ids[todo][owner < 0].unique().tolist()}")
                 time.sleep(0.2)
                 self.refresh()
                 continue
             calls = []
-            for w in owner.unique().tolist():
+            for w in owner.unique().tolist():  # every send first: the workers compute concurrently
                 rows = todo[owner == w]
                 worker = self.workers[w]
                 req = expert_pb2.RunExpertsRequest(layer=layer, expert_ids=expert_ids[rows].tolist())
                 fill(req.x, x[rows])
-                calls.append((worker, rows, worker.stub.RunExperts.future(req, timeout=max(deadline - time.monotonic(), 0.01))))
-            failed = []
-            for worker, rows, call in calls:
+                worker.stream.send(req)
+                calls.append((worker, rows))
+            failed, fatal = [], None
+            for worker, rows in calls:  # every send gets its receive (it releases the stream)
                 try:
-                    resp = call.result()
+                    resp = worker.stream.receive(timeout=max(deadline - time.monotonic(), 0.01))
                 except grpc.RpcError as exc:
                     if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
-                        raise
+                        fatal = fatal or exc
+                        continue
                     log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address, exc.code())
                     worker.mark_down()
                     failed.append(rows)
@@ -145,6 +154,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 worker.rows += len(rows)
                 self.worker_rpcs += 1
                 y[rows] = decode(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows), what="y")
+            if fatal is not None:
+                raise fatal
             if failed:
                 self.retries += 1
                 self.refresh()  # a restarted worker may already have published its new address
@@ -160,17 +171,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         for layer, counts in sorted(self.load.items()):
             status.loads.add(layer=layer, tokens_per_expert=counts.tolist())
         return status
-
-
-def _unavailable(message: str) -> grpc.RpcError:
-    class _Err(grpc.RpcError):
-        def code(self):
-            return grpc.StatusCode.UNAVAILABLE
-
-        def details(self):
-            return message
-
-    return _Err(message)
 
 
 def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, host: str = "127.0.0.1", port: int = 0,
