@@ -19,7 +19,7 @@ class _PendingRoute:
 
     def result(self) -> torch.Tensor:
         resp = self._stream.receive(self._timeout)
-        return decode(resp.y, dtype=self._dtype, cols=self._cols, max_rows=self._rows, what="y")
+        return decode(resp.y, dtype=self._dtype, cols=self._cols, max_rows=self._rows, what="y", exact=True)
 
 
 class RemoteMoE:

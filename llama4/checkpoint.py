@@ -76,9 +76,6 @@ class Checkpoint:
             return self._head_prefix + name[len("lm_head."):]
         return self._model_prefix + name
 
-    def has(self, name: str) -> bool:
-        return self.full_name(name) in self._files
-
     def _slice(self, name: str):
         full = self.full_name(name)
         if full not in self._files:

@@ -79,10 +79,6 @@ class ModelConfig:
     def moe_layer_list(self) -> list[int]:
         return sorted(self.moe_layers)
 
-    @property
-    def kv_group(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     def validate(self) -> None:
         def need(ok: bool, fld: str, value, allowed: str) -> None:
             if not ok:

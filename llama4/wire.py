@@ -24,15 +24,17 @@ def encode(t: torch.Tensor) -> tuple[str, list[int], bytes]:
     return _NAMES[t.dtype], list(t.shape), flat.view(torch.uint8).numpy().tobytes()
 
 
-def decode(msg, *, dtype: torch.dtype, cols: int, max_rows: int, what: str = "x") -> torch.Tensor:
-    """A [rows, cols] tensor from a herd.v1.Tensor, or WireError naming the problem."""
+def decode(msg, *, dtype: torch.dtype, cols: int, max_rows: int, what: str = "x", exact: bool = False) -> torch.Tensor:
+    """A [rows, cols] tensor from a herd.v1.Tensor, or WireError naming the problem.
+    exact=True: an answer must have exactly max_rows rows."""
     if msg.dtype not in WIRE_DTYPES:
         raise WireError(f"{what}.dtype={msg.dtype!r} is not allowed; allowed: {sorted(WIRE_DTYPES)}")
     if WIRE_DTYPES[msg.dtype] != dtype:
         raise WireError(f"{what}.dtype={msg.dtype!r} does not match the model's compute dtype {_NAMES[dtype]!r}")
     shape = list(msg.shape)
-    if len(shape) != 2 or shape[1] != cols or not 0 <= shape[0] <= max_rows:
-        raise WireError(f"{what}.shape={shape} is invalid; expected [rows <= {max_rows}, {cols}]")
+    if len(shape) != 2 or shape[1] != cols or not 0 <= shape[0] <= max_rows or (exact and shape[0] != max_rows):
+        rows = str(max_rows) if exact else f"rows <= {max_rows}"
+        raise WireError(f"{what}.shape={shape} is invalid; expected [{rows}, {cols}]")
     expected = math.prod(shape) * torch.tensor([], dtype=dtype).element_size()
     if len(msg.data) != expected:
         raise WireError(f"{what}: {len(msg.data)} bytes for shape {shape} and dtype {msg.dtype}; expected {expected}")

@@ -153,7 +153,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 worker.rpcs += 1
                 worker.rows += len(rows)
                 self.worker_rpcs += 1
-                y[rows] = decode(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows), what="y")
+                y[rows] = decode(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows), what="y", exact=True)
             if fatal is not None:
                 raise fatal
             if failed:

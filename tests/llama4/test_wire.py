@@ -1,0 +1,40 @@
+"""The wire codec refuses what does not match before touching the bytes (pure logic)."""
+import pytest
+import torch
+
+from herdpb import tensor_pb2
+from llama4.wire import WireError, decode, fill
+
+
+def msg_of(t):
+    return fill(tensor_pb2.Tensor(), t)
+
+
+def test_round_trip_is_exact_for_each_dtype():
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.randn(5, 8).to(dtype)
+        assert torch.equal(decode(msg_of(t), dtype=dtype, cols=8, max_rows=5), t)
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda m: setattr(m, "dtype", "float64"), "not allowed"),
+    (lambda m: setattr(m, "dtype", "float16"), "compute dtype"),
+    (lambda m: m.shape.__setitem__(1, 9), "shape"),
+    (lambda m: m.shape.append(1), "shape"),
+    (lambda m: setattr(m, "data", m.data[:-1]), "bytes"),
+    (lambda m: m.shape.__setitem__(0, 6), "shape"),
+])
+def test_mismatches_are_named(mutate, needle):
+    m = msg_of(torch.randn(5, 8))
+    mutate(m)
+    with pytest.raises(WireError, match=needle):
+        decode(m, dtype=torch.float32, cols=8, max_rows=5)
+
+
+def test_answers_must_have_exactly_the_rows_asked_for_and_be_finite():
+    with pytest.raises(WireError, match=r"expected \[5, 8\]"):
+        decode(msg_of(torch.randn(4, 8)), dtype=torch.float32, cols=8, max_rows=5, exact=True)
+    bad = torch.randn(2, 8)
+    bad[1, 1] = float("inf")
+    with pytest.raises(WireError, match="NaN or infinity"):
+        decode(msg_of(bad), dtype=torch.float32, cols=8, max_rows=2)
