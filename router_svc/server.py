@@ -15,6 +15,7 @@ import time
 
 import grpc
 import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 import torch
 
 from herdpb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
@@ -29,6 +30,7 @@ log = logging.getLogger("herd.router")
 MAX_ROWS = 1 << 16
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 RETRY_DOWN_AFTER_S = 5.0
+PROBE_EVERY_S, PROBE_TIMEOUT_S = 1.0, 1.0
 
 
 class _Worker:
@@ -47,6 +49,13 @@ class _Worker:
 
     def mark_down(self) -> None:
         self.healthy, self.down_since = False, time.monotonic()
+
+    def probe(self) -> bool:
+        try:
+            resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -80,6 +89,28 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 for e in info["experts"]:
                     replicas.setdefault(e, []).append(index)
             self.replicas = replicas
+
+    def watch(self, health_servicer, service_names: list[str]) -> None:
+        """Probe every worker's health in the background and serve NOT_SERVING while some
+        expert has no live holder: probes and load balancers see a router that cannot route."""
+
+        def loop():
+            while True:
+                self.refresh()
+                for worker in list(self.workers.values()):
+                    if worker.probe():
+                        worker.healthy = True
+                    elif worker.healthy:
+                        log.warning("expert worker %d at %s fails its health check", worker.index, worker.address)
+                        worker.mark_down()
+                live = all(any(self.workers[w].healthy for w in self.replicas.get(e, []))
+                           for e in range(self.cfg.num_local_experts))
+                status = health_pb2.HealthCheckResponse.SERVING if live else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", *service_names):
+                    health_servicer.set(name, status)
+                time.sleep(PROBE_EVERY_S)
+
+        threading.Thread(target=loop, name="worker-probe", daemon=True).start()
 
     def missing_experts(self) -> list[int]:
         return [e for e in range(self.cfg.num_local_experts) if e not in self.replicas]
@@ -183,6 +214,7 @@ def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, hos
             raise TimeoutError(f"router: no worker published experts {servicer.missing_experts()}")
         time.sleep(0.2)
         servicer.refresh()
-    server, bound, _ = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-                                    ["herd.v1.Router"], host=host, port=port)
+    server, bound, health_servicer = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
+                                                  ["herd.v1.Router"], host=host, port=port)
+    servicer.watch(health_servicer, ["herd.v1.Router"])
     return server, bound, servicer

@@ -223,3 +223,21 @@ def test_cancel_and_deadline_free_the_sequence(client):
         time.sleep(0.2)
     status = client.status()
     assert status.running == 0 and status.waiting == 0  # neither request still holds the engine
+
+
+def test_router_health_follows_its_workers(cluster):
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    health = health_pb2_grpc.HealthStub(channel(cluster.router_address))
+    check = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert check() == health_pb2.HealthCheckResponse.SERVING
+    pids = cluster.worker_pids()
+    os.kill(pids[2], signal.SIGKILL)  # experts 64-95 have no other holder
+    seen, deadline = [], time.monotonic() + 60
+    while time.monotonic() < deadline:
+        seen.append(check())
+        if health_pb2.HealthCheckResponse.NOT_SERVING in seen and seen[-1] == health_pb2.HealthCheckResponse.SERVING:
+            break
+        time.sleep(0.05)
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in seen  # while the worker was down
+    assert seen[-1] == health_pb2.HealthCheckResponse.SERVING  # and back once Ray restarted it
