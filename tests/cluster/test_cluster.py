@@ -241,3 +241,13 @@ def test_router_health_follows_its_workers(cluster):
         time.sleep(0.05)
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen  # while the worker was down
     assert seen[-1] == health_pb2.HealthCheckResponse.SERVING  # and back once Ray restarted it
+
+
+def test_tokenize_matches_the_checkpoint_tokenizer(client):
+    from llama4.tokenizer import Tokenizer
+
+    tok = Tokenizer.for_checkpoint(resolve_model(MODEL))
+    got = client.stub.Tokenize(llama_pb2.TokenizeRequest(text="Llamas hum."), timeout=10)
+    assert list(got.ids) == tok.encode("Llamas hum.", add_bos=True)
+    chat = llama_pb2.TokenizeRequest(chat=llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content="Hi")]))
+    assert list(client.stub.Tokenize(chat, timeout=10).ids) == tok.apply_chat([{"role": "user", "content": "Hi"}])
