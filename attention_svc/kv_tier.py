@@ -215,24 +215,22 @@ class RedisKVTier:
         except redis.RedisError as exc:
             self._failed(exc)
 
-    def finish(self, seq: Sequence) -> None:
-        sid = seq.request.session_id
-        if not sid or not self._available():
-            return
-        record = json.dumps({"fingerprint": self.fingerprint.hex(), "tokens": seq.tokens})
+    def save_session(self, session_id: str, tokens: list[int], messages: list[dict] | None) -> None:
+        """A conversation after a turn: its tokens and, for chat sessions, its messages."""
+        record = json.dumps({"fingerprint": self.fingerprint.hex(), "tokens": tokens, "messages": messages})
         try:
-            self.redis.set(f"herd:session:{sid}", record, ex=self.ttl)
+            self.redis.set(f"herd:session:{session_id}", record, ex=self.ttl)
         except redis.RedisError as exc:
             self._failed(exc)
 
-    def session_tokens(self, session_id: str) -> list[int]:
-        """The token history of a session (prompts and answers of earlier turns), or [] for a new one."""
+    def session(self, session_id: str) -> dict:
+        """{"tokens": [...], "messages": [...] or None} of earlier turns; empty for a new session."""
         try:
             raw = self.redis.get(f"herd:session:{session_id}")
         except redis.RedisError as exc:
             self._failed(exc)
             raise SessionUnavailable(f"session store unavailable: {exc}") from None
-        if raw is None:
-            return []
-        record = json.loads(raw)
-        return record["tokens"] if record.get("fingerprint") == self.fingerprint.hex() else []
+        record = json.loads(raw) if raw is not None else {}
+        if record.get("fingerprint") != self.fingerprint.hex():
+            return {"tokens": [], "messages": None}
+        return {"tokens": record["tokens"], "messages": record.get("messages")}

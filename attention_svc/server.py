@@ -162,21 +162,38 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 return
 
     # ---- the API ----
+    def _session_prompt(self, request) -> tuple[list[int], list[dict] | None]:
+        """Prompt ids of this turn and, for chat sessions, the conversation's messages.
+
+        A chat session re-renders the whole conversation with the template, so its KV comes
+        from Redis up to the first token that differs. A text or ids session appends the
+        turn's tokens to the session's tokens."""
+        which = request.WhichOneof("prompt")
+        past = self.kv_tier.session(request.session_id)
+        if which == "chat":
+            if past["tokens"] and past["messages"] is None:
+                raise HerdInputError(f"session {request.session_id!r} holds a token history; continue it with text or ids")
+            messages = (past["messages"] or []) + [{"role": m.role, "content": m.content} for m in request.chat.messages]
+            if not request.chat.messages:
+                raise HerdInputError("chat.messages is empty; allowed: at least one message")
+            return self.tok.apply_chat(messages), messages
+        return past["tokens"] + self._ids(which, request, add_bos=not past["tokens"]), None
+
     def Generate(self, request, context):
-        history = []
+        messages = None
         try:
             if request.session_id:
                 if self.kv_tier is None:
                     raise HerdInputError("session_id needs the Redis KV tier, which this server runs without")
-                history = self.kv_tier.session_tokens(request.session_id)
-            ids = self._ids(request.WhichOneof("prompt"), request, add_bos=not history)
+                ids, messages = self._session_prompt(request)
+            else:
+                ids = self._ids(request.WhichOneof("prompt"), request)
             params = self._params(request.sampling)
         except HerdInputError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except SessionUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        req = Request(history + ids, params, request_id=request.request_id or uuid.uuid4().hex,
-                      session_id=request.session_id)
+        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex)
         decoder = IncrementalDecoder(self.tok)
         for ev in self._run(req, context):
             out = llama_pb2.GenerateResponse()
@@ -188,6 +205,9 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 out.finish_reason = ev.seq.finish_reason
                 out.usage.prompt_tokens = ev.seq.num_prompt
                 out.usage.completion_tokens = len(ev.seq.output_ids)
+                if request.session_id:
+                    answer = [{"role": "assistant", "content": self.tok.decode(ev.seq.output_ids)}]
+                    self.kv_tier.save_session(request.session_id, ev.seq.tokens, messages and messages + answer)
             yield out
 
     def Score(self, request, context):

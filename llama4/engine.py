@@ -26,7 +26,6 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     prompt_logprobs: bool = False  # score mode: log p(token_i | tokens_<i) for the prompt
-    session_id: str = ""  # the conversation this turn belongs to (its KV outlives the request)
 
 
 @dataclass
@@ -74,9 +73,6 @@ class KVTier(Protocol):
 
     def store(self, seq: "Sequence", cache, end: int) -> None:
         """Save every full block of seq below position `end` not saved yet."""
-
-    def finish(self, seq: "Sequence") -> None:
-        """The sequence is done (its session, if any, is saved)."""
 
 
 @dataclass
@@ -234,8 +230,6 @@ class Engine:
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self.cache.free(seq.id)
-            if self.kv_tier is not None and seq.finish_reason != "abort":
-                self.kv_tier.finish(seq)
         self.waiting = deque(s for s in self.waiting if not s.finished)
 
     def run(self, requests: list[Request]) -> list[Sequence]:

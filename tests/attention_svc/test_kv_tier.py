@@ -149,16 +149,7 @@ def test_session_resumes_on_a_restarted_attention_service(scout, redis_server):
     expected = run(Engine(model), out1.tokens + turn2, max_tokens=10)
 
     def serve_once(ids):
-        servicer, _ = build(str(path), None, torch.float32, "cpu", {}, redis_url=redis_server.url)
-        server, port = serve(servicer)
-        try:
-            stub = llama_pb2_grpc.LlamaStub(channel(f"127.0.0.1:{port}"))
-            req = llama_pb2.GenerateRequest(session_id="conv-1", ids=llama_pb2.TokenIds(ids=ids))
-            req.sampling.max_tokens, req.sampling.ignore_eos = 10, True
-            got = [t for msg in stub.Generate(req, timeout=120) for t in msg.token_ids]
-            return got, stub.Status(llama_pb2.StatusRequest(), timeout=10)
-        finally:
-            server.stop(0)
+        return serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="conv-1", ids=llama_pb2.TokenIds(ids=ids)))
 
     got1, _ = serve_once(turn1)
     assert got1 == out1.output_ids
@@ -167,3 +158,41 @@ def test_session_resumes_on_a_restarted_attention_service(scout, redis_server):
     history = len(out1.tokens)
     assert status.kv_tier.hits == 1
     assert status.tokens_computed == len(out1.tokens) + len(turn2) - (history - 1) // 16 * 16 + 9
+
+
+def serve_turn(path, url, req, max_tokens=10):
+    """One Generate on a freshly started attention service (nothing in memory from before)."""
+    servicer, _ = build(str(path), None, torch.float32, "cpu", {}, redis_url=url)
+    server, port = serve(servicer)
+    try:
+        stub = llama_pb2_grpc.LlamaStub(channel(f"127.0.0.1:{port}"))
+        req.sampling.max_tokens, req.sampling.ignore_eos = max_tokens, True
+        got = [t for msg in stub.Generate(req, timeout=120) for t in msg.token_ids]
+        return got, stub.Status(llama_pb2.StatusRequest(), timeout=10)
+    finally:
+        server.stop(0)
+
+
+def test_chat_session_rerenders_the_conversation_and_reuses_its_kv(herd_home, redis_server):
+    from llama4.store import DEFAULT_MODEL, resolve_model
+    from llama4.tokenizer import Tokenizer
+
+    path = resolve_model(DEFAULT_MODEL)  # a real chat model: its tokenizer and template
+    model, tok = Llama4Model.load(Checkpoint(path)), Tokenizer.for_checkpoint(path)
+    chat = lambda text: llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content=text)])
+    first = "Tell me a long story about a llama who climbs the Andes and meets a condor at dawn."
+    got1, _ = serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="c", chat=chat(first)), 24)
+    answer = tok.decode(got1)
+    conversation = [{"role": "user", "content": first}, {"role": "assistant", "content": answer},
+                    {"role": "user", "content": "And then?"}]
+    ids = tok.apply_chat(conversation)
+    expected = run(Engine(model), ids, max_tokens=10)
+    got2, status = serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="c", chat=chat("And then?")))
+    assert got2 == expected.output_ids
+    assert status.kv_tier.hits == 1
+    assert status.tokens_computed <= len(ids) - 32 + 9  # at least the first turn's prompt blocks came from Redis
+    bad = llama_pb2.GenerateRequest(session_id="conv-tokens", ids=llama_pb2.TokenIds(ids=[1, 2, 3]))
+    serve_turn(path, redis_server.url, bad, 2)
+    with pytest.raises(grpc.RpcError) as err:
+        serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="conv-tokens", chat=chat("hi")))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token history" in err.value.details()
