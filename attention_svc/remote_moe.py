@@ -14,12 +14,15 @@ from llama4.wire import decode, fill
 
 
 class _PendingRoute:
-    def __init__(self, stream: Duplex, timeout: float, dtype: torch.dtype, rows: int, cols: int):
-        self._stream, self._timeout, self._dtype, self._rows, self._cols = stream, timeout, dtype, rows, cols
+    def __init__(self, owner: "RemoteMoE", layer: int, dtype: torch.dtype, rows: int, cols: int):
+        self._owner, self._layer, self._dtype, self._rows, self._cols = owner, layer, dtype, rows, cols
 
     def result(self) -> torch.Tensor:
-        resp = self._stream.receive(self._timeout)
-        return decode(resp.y, dtype=self._dtype, cols=self._cols, max_rows=self._rows, what="y", exact=True)
+        resp = self._owner._stream.receive(self._owner.timeout)
+        y = decode(resp.y, dtype=self._dtype, cols=self._cols, max_rows=self._rows, what="y", exact=True)
+        if len(resp.expert_ids) == self._rows and len(resp.workers) == self._rows:
+            self._owner.last_routes[self._layer] = (torch.tensor(list(resp.expert_ids)), torch.tensor(list(resp.workers)))
+        return y
 
 
 class RemoteMoE:
@@ -29,13 +32,14 @@ class RemoteMoE:
         self._stream = Duplex(self._stub.RouteStream)
         self.timeout = timeout
         self.route_rpcs = 0
+        self.last_routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def submit(self, layer: int, x: torch.Tensor) -> _PendingRoute:
         req = router_pb2.RouteRequest(layer=layer)
         fill(req.x, x)
         self.route_rpcs += 1
         self._stream.send(req)
-        return _PendingRoute(self._stream, self.timeout, x.dtype, x.shape[0], x.shape[1])
+        return _PendingRoute(self, layer, x.dtype, x.shape[0], x.shape[1])
 
     def router_status(self) -> router_pb2.RouterStatus:
         return self._stub.Status(router_pb2.RouterStatusRequest(), timeout=5)

@@ -193,7 +193,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except SessionUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex)
+        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex, trace_routes=request.trace_routes)
         decoder = IncrementalDecoder(self.tok)
         for ev in self._run(req, context):
             out = llama_pb2.GenerateResponse()
@@ -201,6 +201,8 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 out.token_ids.append(ev.token)
                 out.logprobs.append(ev.logprob)
                 out.text = decoder.push(ev.token)
+                for layer, expert, worker in ev.route or ():
+                    out.route.add(layer=layer, expert=expert, worker=worker)
             if ev.seq.finished:
                 out.finish_reason = ev.seq.finish_reason
                 out.usage.prompt_tokens = ev.seq.num_prompt

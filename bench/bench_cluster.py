@@ -80,7 +80,7 @@ def wire_ratio(cfg, tokens: int, workers_hit: int) -> float:
     x = torch.zeros(tokens, h)
     route = router_pb2.RouteRequest(layer=1)
     fill(route.x, x)
-    back = router_pb2.RouteResponse()
+    back = router_pb2.RouteResponse(expert_ids=[127] * tokens, workers=[3] * tokens)  # as the router answers
     fill(back.y, x)
     total = route.ByteSize() + back.ByteSize()
     per = [tokens // workers_hit + (1 if i < tokens % workers_hit else 0) for i in range(workers_hit)]

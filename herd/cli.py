@@ -85,14 +85,19 @@ def _generate_remote(args) -> int:
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed)
     prompt = {"chat": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt}
-    start, n, reason = time.perf_counter(), 0, ""
-    for msg in client.generate(**prompt, **kwargs):
+    start, n, reason, trace = time.perf_counter(), 0, "", []
+    for msg in client.generate(**prompt, **kwargs, session_id=args.session or "", trace_routes=args.trace):
         n += len(msg.token_ids)
         sys.stdout.write(msg.text)
         sys.stdout.flush()
         reason = msg.finish_reason or reason
+        if msg.route:
+            trace.append((list(msg.token_ids), msg.text, [(h.layer, h.expert, h.worker) for h in msg.route]))
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
+    for ids, text, hops in trace:  # which expert on which worker served each token, per MoE layer
+        path = " ".join(f"L{layer}:e{expert}@w{worker}" for layer, expert, worker in hops)
+        print(f"{ids[0]:>7} {text!r:<14} {path}", file=sys.stderr)
     print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s, finish={reason}]", file=sys.stderr)
     return 0
 
@@ -255,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="generate text and stream it to stdout")
     _add_model_args(g)
     g.add_argument("--target", help="HOST:PORT of a running cluster (default: run the model in this process)")
+    g.add_argument("--session", help="with --target: continue this conversation (its KV lives in Redis)")
+    g.add_argument("--trace", action="store_true", help="with --target: print the expert and worker of each token")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     g.add_argument("--max-tokens", type=int, default=64)

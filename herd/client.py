@@ -15,8 +15,8 @@ class Client:
         self.timeout = timeout
 
     def generate(self, *, text=None, ids=None, chat=None, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
-                 seed=None, ignore_eos=False, request_id=""):
-        req = llama_pb2.GenerateRequest(request_id=request_id)
+                 seed=None, ignore_eos=False, request_id="", session_id="", trace_routes=False):
+        req = llama_pb2.GenerateRequest(request_id=request_id, session_id=session_id, trace_routes=trace_routes)
         if ids is not None:
             req.ids.ids.extend(ids)
         elif chat is not None:

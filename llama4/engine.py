@@ -26,6 +26,7 @@ class Request:
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = ""
     prompt_logprobs: bool = False  # score mode: log p(token_i | tokens_<i) for the prompt
+    trace_routes: bool = False  # report the expert and worker of every MoE layer for each token
 
 
 @dataclass
@@ -63,6 +64,7 @@ class TokenEvent:
     seq: Sequence
     token: int | None  # None when a step only advanced a prefill or finished a score request
     logprob: float | None
+    route: list[tuple[int, int, int]] | None = None  # (layer, expert, worker) of the row that produced token
 
 
 class KVTier(Protocol):
@@ -222,7 +224,11 @@ class Engine:
                 seq.finish_reason = "stop"
             elif len(seq.output_ids) >= params.max_tokens:
                 seq.finish_reason = "length"
-            events.append(TokenEvent(seq, token, lp))
+            route = None
+            if seq.request.trace_routes:
+                routes = self.model.moe.last_routes
+                route = [(l, int(routes[l][0][last]), int(routes[l][1][last])) for l in sorted(routes)]
+            events.append(TokenEvent(seq, token, lp, route))
         self._reap()
         return events
 

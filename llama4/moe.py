@@ -19,6 +19,9 @@ class PendingRouted(Protocol):
 
 
 class MoEBackend(Protocol):
+    # layer -> (expert id [N], worker [N]) of the last forward pass: where each row went.
+    last_routes: dict[int, tuple[torch.Tensor, torch.Tensor]]
+
     def submit(self, layer: int, x: torch.Tensor) -> PendingRouted:
         """Start the routed experts of MoE layer `layer` on normalised inputs x [N, H]."""
 
@@ -38,6 +41,7 @@ class LocalMoE:
         self.routers = routers  # layer -> [E, H]
         self.experts = experts  # layer -> (w13 [E, H, 2I], w2 [E, I, H])
         self.tokens_per_expert = {l: torch.zeros(r.shape[0], dtype=torch.long) for l, r in routers.items()}
+        self.last_routes: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def submit(self, layer: int, x: torch.Tensor) -> PendingRouted:
         return _Deferred(lambda: self._run(layer, x))
@@ -45,5 +49,6 @@ class LocalMoE:
     def _run(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         expert_ids, scaled = route_top1(x, self.routers[layer])
         self.tokens_per_expert[layer] += torch.bincount(expert_ids.cpu(), minlength=self.routers[layer].shape[0])
+        self.last_routes[layer] = (expert_ids.cpu(), torch.full_like(expert_ids.cpu(), -1))
         w13, w2 = self.experts[layer]
         return grouped_expert_ffn(scaled, expert_ids, w13, w2)

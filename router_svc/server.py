@@ -143,13 +143,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.load[request.layer] += torch.bincount(expert_ids, minlength=self.cfg.num_local_experts)
         self.routes += 1
         try:
-            y = self._dispatch(request.layer, scaled, expert_ids, deadline)
+            y, served_by = self._dispatch(request.layer, scaled, expert_ids, deadline)
         except grpc.RpcError as exc:
             context.abort(exc.code(), f"expert worker call failed: {exc.details()}")
-        return router_pb2.RouteResponse(y=fill(router_pb2.RouteResponse().y, y))
+        resp = router_pb2.RouteResponse(expert_ids=expert_ids.tolist(), workers=served_by.tolist())
+        fill(resp.y, y)
+        return resp
 
     def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, deadline: float) -> torch.Tensor:
         y = torch.empty_like(x)
+        served_by = torch.full((x.shape[0],), -1, dtype=torch.long)
         todo = torch.arange(x.shape[0])
         while todo.numel():
             owner = self._assign(expert_ids[todo])
@@ -181,6 +184,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     failed.append(rows)
                     continue
                 worker.healthy = True
+                served_by[rows] = worker.index
                 worker.rpcs += 1
                 worker.rows += len(rows)
                 self.worker_rpcs += 1
@@ -193,7 +197,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 todo = torch.cat(failed)
             else:
                 todo = todo[:0]
-        return y
+        return y, served_by
 
     def Status(self, request, context):
         status = router_pb2.RouterStatus(routes=self.routes, retries=self.retries, worker_rpcs=self.worker_rpcs)

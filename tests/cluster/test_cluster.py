@@ -251,3 +251,19 @@ def test_tokenize_matches_the_checkpoint_tokenizer(client):
     assert list(got.ids) == tok.encode("Llamas hum.", add_bos=True)
     chat = llama_pb2.TokenizeRequest(chat=llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content="Hi")]))
     assert list(client.stub.Tokenize(chat, timeout=10).ids) == tok.apply_chat([{"role": "user", "content": "Hi"}])
+
+
+def test_route_trace_names_the_expert_and_worker_of_every_token(client, mono):
+    p = prompts(1, seed=21)[0]
+    (seq,) = Engine(mono).run([Request(p, SamplingParams(max_tokens=6, ignore_eos=True), trace_routes=True)])
+    expected_experts = []
+    engine = Engine(mono)
+    engine.add(Request(p, SamplingParams(max_tokens=6, ignore_eos=True), trace_routes=True))
+    while engine.has_work:
+        expected_experts += [[e for _, e, _ in ev.route] for ev in engine.step() if ev.token is not None]
+    got = [msg for msg in client.generate(ids=p, max_tokens=6, ignore_eos=True, trace_routes=True) if msg.token_ids]
+    assert [list(m.token_ids)[0] for m in got] == seq.output_ids
+    assert [[h.expert for h in m.route] for m in got] == expected_experts
+    for m in got:
+        assert [h.layer for h in m.route] == [1, 3]
+        assert all(h.worker == h.expert // 32 for h in m.route)  # contiguous placement: 32 experts per worker
