@@ -123,9 +123,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         if which == "ids":
             return list(msg.ids.ids)
         if which == "chat":
-            if not msg.chat.messages:
-                raise HerdInputError("chat.messages is empty; allowed: at least one message")
-            return self.tok.apply_chat([{"role": m.role, "content": m.content} for m in msg.chat.messages])
+            return self.tok.apply_chat(_messages(msg.chat))
         raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
 
     def _params(self, p: llama_pb2.SamplingParams) -> SamplingParams:
@@ -173,9 +171,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         if which == "chat":
             if past["tokens"] and past["messages"] is None:
                 raise HerdInputError(f"session {request.session_id!r} holds a token history; continue it with text or ids")
-            messages = (past["messages"] or []) + [{"role": m.role, "content": m.content} for m in request.chat.messages]
-            if not request.chat.messages:
-                raise HerdInputError("chat.messages is empty; allowed: at least one message")
+            messages = (past["messages"] or []) + _messages(request.chat)
             return self.tok.apply_chat(messages), messages
         return past["tokens"] + self._ids(which, request, add_bos=not past["tokens"]), None
 
@@ -246,6 +242,12 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
             except grpc.RpcError as exc:
                 log.warning("router status unavailable: %s", exc.code())
         return out
+
+
+def _messages(chat: llama_pb2.ChatMessages) -> list[dict]:
+    if not chat.messages:
+        raise HerdInputError("chat.messages is empty; allowed: at least one message")
+    return [{"role": m.role, "content": m.content} for m in chat.messages]
 
 
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,

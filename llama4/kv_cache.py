@@ -157,8 +157,8 @@ class KVCache:
     # ---- data ----
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """k, v: [N, Hkv, D] for the packed tokens of this step."""
-        self.k[layer].view(-1, *k.shape[1:])[slots] = k
-        self.v[layer].view(-1, *v.shape[1:])[slots] = v
+        flat_k, flat_v = self._flat(layer)
+        flat_k[slots], flat_v[slots] = k, v
 
     def layers_of(self, kind: str) -> list[int]:
         return [l for l, k in enumerate(self.layer_kind) if k == kind]
@@ -170,22 +170,20 @@ class KVCache:
     def read_block(self, seq_id, kind: str, block: int) -> torch.Tensor:
         """[layers of kind, 2 (k, v), block_size, Hkv, D] for one block of a sequence."""
         slots = self.block_slots(seq_id, kind, block)
-        parts = []
-        for l in self.layers_of(kind):
-            parts.append(torch.stack([self.k[l].view(-1, *self.k[l].shape[2:])[slots],
-                                      self.v[l].view(-1, *self.v[l].shape[2:])[slots]]))
-        return torch.stack(parts)
+        return torch.stack([torch.stack([k[slots], v[slots]]) for k, v in map(self._flat, self.layers_of(kind))])
 
     def write_blocks(self, seq_id, kind: str, blocks: list[int], data: torch.Tensor) -> None:
         """data [len(blocks), layers of kind, 2, block_size, Hkv, D] into those blocks of a sequence."""
         slots = torch.cat([self.block_slots(seq_id, kind, b) for b in blocks])
         per_layer = data.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [layers, 2, blocks * block_size, Hkv, D]
         for i, l in enumerate(self.layers_of(kind)):
-            self.k[l].view(-1, *self.k[l].shape[2:])[slots] = per_layer[i, 0]
-            self.v[l].view(-1, *self.v[l].shape[2:])[slots] = per_layer[i, 1]
+            self.write(l, slots, per_layer[i, 0], per_layer[i, 1])
 
     def gather(self, layer: int, view: KeyView) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, S, Hkv, D] keys and values for one attention group."""
-        flat_k = self.k[layer].view(-1, *self.k[layer].shape[2:])
-        flat_v = self.v[layer].view(-1, *self.v[layer].shape[2:])
+        flat_k, flat_v = self._flat(layer)
         return flat_k[view.slots], flat_v[view.slots]
+
+    def _flat(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's k and v pools addressed by slot: [num_blocks * block_size, Hkv, D]."""
+        return self.k[layer].flatten(0, 1), self.v[layer].flatten(0, 1)
