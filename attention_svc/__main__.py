@@ -5,15 +5,15 @@ import logging
 import os
 
 from attention_svc.server import build, serve
-from llama4.model import DTYPES
-from llama4.rpc import run_until_signalled
+from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from plumbing.lifecycle import serve_until_signalled
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="attention_svc")
     ap.add_argument("--model", required=True)
     ap.add_argument("--router", help="router address; without it the experts run in-process")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
@@ -29,11 +29,11 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     redis_url = None if args.no_kv_tier else os.environ.get("HERD_REDIS_URL")  # environment: it carries a password
-    servicer, _ = build(args.model, args.router, DTYPES[args.dtype], args.device, json.loads(args.batching),
+    servicer, _ = build(args.model, args.router, torch_dtype(args.dtype), args.device, json.loads(args.batching),
                         args.route_timeout, redis_url, args.kv_ttl)
     server, port = serve(servicer, args.host, args.port)
     print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
-    run_until_signalled(server)
+    serve_until_signalled(server)
 
 
 if __name__ == "__main__":

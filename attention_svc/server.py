@@ -1,111 +1,34 @@
 """The attention service: herd's public gRPC API over the continuous-batching engine.
 
-One engine thread owns the model and KV cache and runs steps while any request is live;
-RPC handlers validate at the edge, hand requests to it through a queue and stream back
-what it produces. A bad request is refused alone; a failed step fails only its requests.
+Handlers turn prompts into token ids (tokenizer, chat template, sessions), hand requests to
+the engine loop (attention_svc.engine_loop) and stream back what it produces. A bad request
+is refused alone; a failed step fails only its requests.
 """
 from __future__ import annotations
 
-import collections
 import logging
-import math
 import queue
-import threading
 import uuid
 
 import grpc
 import torch
 
+from attention_svc.engine_loop import ABORTED, EngineLoop
 from attention_svc.kv_tier import RedisKVTier, SessionUnavailable
 from attention_svc.remote_moe import RemoteMoE
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request, TokenEvent
 from llama4.errors import HerdInputError
+from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
-from llama4.rpc import start_server
 from llama4.sampling import SamplingParams
-from llama4.tokenizer import IncrementalDecoder, Tokenizer
+from llama4.tokenizer import Detokenizer, Tokenizer
 from llama4.weights import DenseWeights
+from plumbing.grpc_server import start_server
 
 log = logging.getLogger("herd.attention")
 DEFAULT_MAX_TOKENS = 256
-_FAILED = object()
-
-
-class _Live:
-    """A request the engine is working on, and where its events go."""
-
-    def __init__(self):
-        self.events: queue.Queue = queue.Queue()
-
-
-class EngineLoop:
-    """The single thread that owns the engine."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.inbox: queue.Queue = queue.Queue()
-        self.live: dict[str, _Live] = {}
-        self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
-        self.steps = 0
-        threading.Thread(target=self._run, name="engine", daemon=True).start()
-
-    def submit(self, request: Request) -> _Live:
-        live = _Live()
-        self.inbox.put(("add", request, live))
-        return live
-
-    def abort(self, request_id: str) -> None:
-        self.inbox.put(("abort", request_id, None))
-
-    def _drain(self, block: bool) -> None:
-        try:
-            item = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            kind, payload, live = item
-            if kind == "add":
-                try:
-                    self.engine.add(payload)
-                    self.live[payload.request_id] = live
-                except HerdInputError as exc:
-                    live.events.put(exc)
-            else:
-                self.engine.abort(payload)
-                gone = self.live.pop(payload, None)
-                if gone:
-                    gone.events.put(_FAILED)
-            try:
-                item = self.inbox.get_nowait()
-            except queue.Empty:
-                return
-
-    def _run(self) -> None:
-        while True:
-            self._drain(block=not self.engine.has_work)
-            if not self.engine.has_work:
-                continue
-            try:
-                events = self.engine.step()
-            except Exception as exc:  # the step's requests fail; the server keeps serving
-                log.exception("engine step failed")
-                for rid, live in list(self.live.items()):
-                    self.engine.abort(rid)
-                    live.events.put(exc)
-                self.live.clear()
-                continue
-            self.steps += 1
-            stats = self.engine.last_step
-            if stats and stats.num_decodes:
-                self.recent_batch_sizes.append(stats.num_decodes)
-            for ev in events:
-                live = self.live.get(ev.seq.id)
-                if live is not None:
-                    live.events.put(ev)
-                    if ev.seq.finished:
-                        del self.live[ev.seq.id]
 
 
 class LlamaServicer(llama_pb2_grpc.LlamaServicer):
@@ -126,20 +49,15 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
             return self.tok.apply_chat(_messages(msg.chat))
         raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
 
-    def _params(self, p: llama_pb2.SamplingParams) -> SamplingParams:
-        for name in ("temperature", "top_p"):
-            if not math.isfinite(getattr(p, name)):
-                raise HerdInputError(f"sampling.{name}={getattr(p, name)} is invalid; allowed: a finite number")
+    @staticmethod
+    def _params(p: llama_pb2.SamplingParams) -> SamplingParams:
+        """The request's sampling parameters; the engine checks them (Engine.validate)."""
         return SamplingParams(max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS, temperature=p.temperature,
                               top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed if p.HasField("seed") else None,
                               stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
 
     def _run(self, request: Request, context):
         """Submit to the engine and yield TokenEvents until the sequence finishes."""
-        try:
-            self.loop.engine.validate(request)
-        except HerdInputError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         live = self.loop.submit(request)
         context.add_callback(lambda: self.loop.abort(request.request_id))  # cancel, disconnect, deadline
         while True:
@@ -151,7 +69,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 continue
             if isinstance(ev, HerdInputError):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(ev))
-            if ev is _FAILED:
+            if ev is ABORTED:
                 context.abort(grpc.StatusCode.CANCELLED, "request aborted")
             if isinstance(ev, Exception):
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"model step failed: {ev}")
@@ -190,13 +108,13 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         except SessionUnavailable as exc:
             context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
         req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex, trace_routes=request.trace_routes)
-        decoder = IncrementalDecoder(self.tok)
+        detok = Detokenizer(self.tok)
         for ev in self._run(req, context):
             out = llama_pb2.GenerateResponse()
             if ev.token is not None:
                 out.token_ids.append(ev.token)
                 out.logprobs.append(ev.logprob)
-                out.text = decoder.push(ev.token)
+                out.text = detok.push(ev.token)
                 for layer, expert, worker in ev.route or ():
                     out.route.add(layer=layer, expert=expert, worker=worker)
             if ev.seq.finished:
@@ -204,7 +122,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 out.usage.prompt_tokens = ev.seq.num_prompt
                 out.usage.completion_tokens = len(ev.seq.output_ids)
                 if request.session_id:
-                    answer = [{"role": "assistant", "content": self.tok.decode(ev.seq.output_ids)}]
+                    answer = [{"role": "assistant", "content": self.tok.detokenize(ev.seq.output_ids)}]
                     self.kv_tier.save_session(request.session_id, ev.seq.tokens, messages and messages + answer)
             yield out
 
@@ -258,11 +176,10 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
         model = Llama4Model.load(ckpt, dtype, device)
     else:
         model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
-    engine = Engine(model, **batching)
     tier = None
     if redis_url:
-        tier = RedisKVTier(redis_url, ckpt.fingerprint(), engine.cache, ttl_s=kv_ttl_s)
-        engine.kv_tier = tier
+        tier = RedisKVTier(redis_url, ckpt.fingerprint(), ckpt.config, dtype, batching.get("block_size", DEFAULT_BLOCK_SIZE), ttl_s=kv_ttl_s)
+    engine = Engine(model, kv_tier=tier, **batching)
     tok = Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id)
     return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier), moe
 

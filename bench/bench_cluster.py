@@ -23,7 +23,7 @@ from llama4.engine import Engine, Request
 from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
-from llama4.wire import fill
+from plumbing.tensor_codec import write_tensor
 
 PROMPT, STEPS, PREFILL = 32, 16, 512
 
@@ -79,16 +79,16 @@ def wire_ratio(cfg, tokens: int, workers_hit: int) -> float:
     h = cfg.hidden_size
     x = torch.zeros(tokens, h)
     route = router_pb2.RouteRequest(layer=1)
-    fill(route.x, x)
+    write_tensor(route.x, x)
     back = router_pb2.RouteResponse(expert_ids=[127] * tokens, workers=[3] * tokens)  # as the router answers
-    fill(back.y, x)
+    write_tensor(back.y, x)
     total = route.ByteSize() + back.ByteSize()
     per = [tokens // workers_hit + (1 if i < tokens % workers_hit else 0) for i in range(workers_hit)]
     for rows in per:
         req = expert_pb2.RunExpertsRequest(layer=1, expert_ids=[127] * rows)
-        fill(req.x, torch.zeros(rows, h))
+        write_tensor(req.x, torch.zeros(rows, h))
         resp = expert_pb2.RunExpertsResponse()
-        fill(resp.y, torch.zeros(rows, h))
+        write_tensor(resp.y, torch.zeros(rows, h))
         total += req.ByteSize() + resp.ByteSize()
     minimum = tokens * h * 4 * 2 * 2  # 2 hops, out and back
     return total / minimum

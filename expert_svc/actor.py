@@ -19,13 +19,13 @@ class ExpertWorker:
         import torch
 
         from expert_svc.server import serve
-        from llama4.model import DTYPES
-        from llama4.registry import WorkerRegistry
+        from llama4.dtypes import torch_dtype
+        from plumbing.registry import WorkerRegistry
 
         torch.set_num_threads(threads)
         self.index, self.experts = index, experts
         try:
-            self.server, port, self.servicer = serve(model_path, experts, DTYPES[dtype], device, host=host)
+            self.server, port, self.servicer = serve(model_path, experts, torch_dtype(dtype), device, host=host)
             # Bound to every interface (Kubernetes): publish the node's address, not 0.0.0.0.
             advertised = ray.util.get_node_ip_address() if ipaddress.ip_address(host).is_unspecified else host
             self.address = f"{advertised}:{port}"

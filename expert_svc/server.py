@@ -13,19 +13,18 @@ import torch
 from herdpb import expert_pb2, expert_pb2_grpc
 from kernels import grouped_expert_ffn
 from llama4.checkpoint import Checkpoint
-from llama4.rpc import start_server
 from llama4.weights import load_experts
-from llama4.wire import WireError, decode, fill
-
-MAX_ROWS = 1 << 16
+from plumbing.grpc_server import start_server
+from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
     def __init__(self, ckpt: Checkpoint, experts: list[int], dtype: torch.dtype, device: str):
         self.cfg, self.dtype, self.device = ckpt.config, dtype, device
         self.experts = sorted(experts)
-        self.local = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
-        self.local[self.experts] = torch.arange(len(self.experts))
+        # Global expert id -> index in this worker's weights, -1 for experts it does not hold.
+        self.global_to_local = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
+        self.global_to_local[self.experts] = torch.arange(len(self.experts))
         self.weights = load_experts(ckpt, self.experts, dtype, device)
         self.rows_served = 0
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
@@ -38,13 +37,13 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         try:
             if request.layer not in self.weights:
                 raise WireError(f"layer={request.layer} is not a MoE layer; allowed: {sorted(self.weights)}")
-            x = decode(request.x, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=MAX_ROWS)
+            x = read_tensor(request.x, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=MAX_ROWS)
             if len(request.expert_ids) != x.shape[0]:
                 raise WireError(f"expert_ids has {len(request.expert_ids)} entries for {x.shape[0]} rows")
             ids = torch.tensor(list(request.expert_ids), dtype=torch.long)
             if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.num_local_experts):
                 raise WireError(f"expert id out of range; allowed: [0, {self.cfg.num_local_experts})")
-            local = self.local[ids]
+            local = self.global_to_local[ids]
             if (local < 0).any():
                 raise WireError(f"expert {int(ids[local < 0][0])} is not held by this worker; it holds {self.experts}")
         except WireError as exc:
@@ -53,7 +52,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
             w13, w2 = self.weights[request.layer]
             y = grouped_expert_ffn(x.to(self.device), local.to(self.device), w13, w2)
             self.rows_served += x.shape[0]
-        return expert_pb2.RunExpertsResponse(y=fill(expert_pb2.RunExpertsResponse().y, y))
+        resp = expert_pb2.RunExpertsResponse()
+        write_tensor(resp.y, y)
+        return resp
 
 
 def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, host: str = "127.0.0.1", port: int = 0):

@@ -31,18 +31,18 @@ def _load_local(args):
 
     from llama4.checkpoint import Checkpoint
     from llama4.engine import Engine
-    from llama4.model import DTYPES, Llama4Model
+    from llama4.dtypes import torch_dtype
+    from llama4.model import Llama4Model
     from llama4.store import resolve_model
     from llama4.tokenizer import Tokenizer
 
-    if args.dtype not in DTYPES:
-        raise HerdInputError(f"--dtype={args.dtype!r} is invalid; allowed: {sorted(DTYPES)}")
+    dtype = torch_dtype(args.dtype, "--dtype")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise HerdInputError(f"--device={args.device!r} is not available on this machine; allowed: cpu")
     path = resolve_model(args.model)
     ckpt = Checkpoint(path)
     tok = Tokenizer.for_checkpoint(path, ckpt.config.eos_token_id)
-    model = Llama4Model.load(ckpt, DTYPES[args.dtype], args.device)
+    model = Llama4Model.load(ckpt, dtype, args.device)
     return Engine(model), tok
 
 
@@ -59,18 +59,18 @@ def cmd_generate(args) -> int:
         return _generate_remote(args)
     from llama4.engine import Request
     from llama4.sampling import SamplingParams
-    from llama4.tokenizer import IncrementalDecoder
+    from llama4.tokenizer import Detokenizer
 
     engine, tok = _load_local(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
     seq = engine.add(Request(_prompt_ids(args, tok), params))
-    decoder, start, n = IncrementalDecoder(tok), time.perf_counter(), 0
+    detok, start, n = Detokenizer(tok), time.perf_counter(), 0
     while engine.has_work:
         for event in engine.step():
             if event.token is not None:
                 n += 1
-                sys.stdout.write(decoder.push(event.token))
+                sys.stdout.write(detok.push(event.token))
                 sys.stdout.flush()
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
@@ -150,41 +150,34 @@ def cmd_status(args) -> int:
 
 
 def cmd_up(args) -> int:
-    import signal
-    import threading
-
     from herd.deploy import DeployConfig
     from herd.up import Cluster
+    from plumbing.lifecycle import wait_for_signal
 
     cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     with Cluster(cfg, log=log) as cluster:
         print(f"herd is up: attention {cluster.attention_address}  router {cluster.router_address}  "
               f"ray dashboard {cluster.dashboard_url or 'off'}", flush=True)
         if args.prompt:
             return _demo(cluster, args.prompt)
-        while not stop.wait(1.0):
-            dead = cluster.dead_children()
-            if dead:
-                print(f"herd: error: {', '.join(dead)} exited; stopping the cluster", file=sys.stderr)
-                return 1
+        dead = wait_for_signal(lambda: ", ".join(cluster.dead_children()))
+        if dead:
+            print(f"herd: error: {dead} exited; stopping the cluster", file=sys.stderr)
+            return 1
     return 0
 
 
 def cmd_workers(args) -> int:
     """Expert workers on an existing Ray cluster (KubeRay); runs until stopped, watching them."""
     import os
-    import signal
-    import threading
 
     import ray
 
     from herd.deploy import DeployConfig
     from herd.up import start_expert_workers
     from llama4.store import resolve_model
+    from plumbing.lifecycle import wait_for_signal
 
     cfg = DeployConfig.load(args.config)
     redis_url = os.environ.get("HERD_REDIS_URL") or cfg.redis_url
@@ -193,11 +186,7 @@ def cmd_workers(args) -> int:
     ray.init(address=args.ray_address, namespace="herd", logging_level="ERROR", log_to_driver=False)
     actors, infos = start_expert_workers(cfg, str(resolve_model(cfg.model)), redis_url)
     print(f"expert workers serving: {[i['address'] for i in infos]}", flush=True)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    signal.signal(signal.SIGINT, lambda *_: stop.set())
-    while not stop.wait(10.0):
-        pass  # Ray restarts dead workers (max_restarts=-1); this process owns them
+    wait_for_signal()  # Ray restarts dead workers (max_restarts=-1); this process owns them
     for actor in actors:
         ray.kill(actor, no_restart=True)
     return 0

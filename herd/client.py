@@ -5,7 +5,7 @@ import grpc
 
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.errors import HerdInputError
-from llama4.rpc import channel
+from plumbing.grpc_server import channel
 
 
 class Client:

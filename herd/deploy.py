@@ -6,12 +6,15 @@ message naming the field, the value and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from llama4.dtypes import DTYPE_NAMES
 from llama4.errors import HerdInputError
+from llama4.errors import need as _need
 from llama4.store import DEFAULT_MODEL
 
 PLACEMENTS = ("contiguous", "round-robin")
@@ -49,11 +52,8 @@ class DeployConfig:
     batching: Batching = field(default_factory=Batching)
 
     def validate(self) -> None:
-        def need(ok, fld, value, allowed):
-            if not ok:
-                raise HerdInputError(f"config: {fld}={value!r} is invalid; allowed: {allowed}")
-
-        need(self.dtype in ("float32", "bfloat16", "float16"), "dtype", self.dtype, "float32, bfloat16, float16")
+        need = functools.partial(_need, where="config")
+        need(self.dtype in DTYPE_NAMES, "dtype", self.dtype, ", ".join(DTYPE_NAMES))
         need(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "cpu or cuda[:N]")
         need(isinstance(self.workers, int) and self.workers >= 1, "workers", self.workers, "an integer >= 1")
         need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))

@@ -18,8 +18,8 @@ from pathlib import Path
 from herd.deploy import DeployConfig, place_experts
 from herd.redis_server import RedisServer
 from llama4.config import ModelConfig
-from llama4.registry import WorkerRegistry
-from llama4.rpc import wait_serving
+from plumbing.grpc_server import wait_serving
+from plumbing.registry import WorkerRegistry
 from llama4.store import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent

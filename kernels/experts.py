@@ -3,7 +3,7 @@
 Rows are sorted by expert and each active expert runs one matmul pair over its rows,
 instead of the reference's dense E x tokens computation. Weights keep the HF checkpoint
 orientation ([in, out], used as x @ W). Legend:
-  x [N, H]            expert inputs (already scaled by the router score)
+  x [N, H]            expert inputs (already scaled by the gate score)
   expert_ids [N]      local expert index of each row, 0 <= id < E
   w13 [E, H, 2I]      gate (first I columns) and up (last I columns), concatenated
   w2 [E, I, H]        down projection

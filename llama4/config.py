@@ -5,14 +5,24 @@ Layer kinds (MoE or dense, RoPE-chunked or NoPE-global) are derived here and now
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from llama4.errors import HerdInputError
+from llama4.errors import need as _need
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+class LayerKind(StrEnum):
+    """How a layer attends: the KV cache keeps one block table per kind."""
+
+    CHUNKED = "chunked"  # RoPE layers: attend within absolute attention chunks
+    FULL = "full"  # global NoPE layers (and RoPE layers of a model without chunking): the whole history
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,9 @@ class ModelConfig:
         """RoPE layers attend within absolute chunks; NoPE layers see the whole history."""
         return self.uses_rope(layer) and bool(self.attention_chunk_size)
 
+    def layer_kind(self, layer: int) -> LayerKind:
+        return LayerKind.CHUNKED if self.is_chunked(layer) else LayerKind.FULL
+
     @property
     def _moe_set(self) -> frozenset[int]:
         return frozenset(self.moe_layers)
@@ -80,10 +93,7 @@ class ModelConfig:
         return sorted(self.moe_layers)
 
     def validate(self) -> None:
-        def need(ok: bool, fld: str, value, allowed: str) -> None:
-            if not ok:
-                raise HerdInputError(f"model config: {fld}={value!r} is invalid; allowed: {allowed}")
-
+        need = functools.partial(_need, where="model config")
         for fld in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                     "num_key_value_heads", "head_dim", "num_local_experts", "max_position_embeddings"):
             v = getattr(self, fld)
@@ -142,8 +152,7 @@ class ModelConfig:
             kwargs["moe_layers"] = tuple(raw["moe_layers"])
         else:
             step = int(raw.get("interleave_moe_layer_step", 1))
-            if step < 1:
-                raise HerdInputError(f"config.json: interleave_moe_layer_step={step} is invalid; allowed: an integer >= 1")
+            _need(step >= 1, "interleave_moe_layer_step", step, "an integer >= 1", where="config.json")
             kwargs["moe_layers"] = tuple(range(step - 1, layers, step))
         if raw.get("no_rope_layers"):
             kwargs["no_rope_layers"] = tuple(raw["no_rope_layers"])

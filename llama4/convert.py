@@ -4,9 +4,9 @@ A SwiGLU MLP is a sum over its intermediate neurons, so on every MoE layer the n
 split in two halves of equal width (Llama 4's shared and routed experts have one width):
 the less important half becomes the shared expert and the more important half is copied
 into every routed expert. Whatever expert a token is routed to, shared + routed recomputes
-the dense MLP. Llama 4 scales the routed expert's *input* by sigmoid(router logit); router
+the dense MLP. Llama 4 scales the routed expert's *input* by sigmoid(gate logit); gate
 rows are kept tiny (|logit| <= 1e-7 on calibration text, so every score is 0.5 to ~1e-7) and the factor 2 is
-folded into the experts' gate and up weights. Router rows are random directions in the
+folded into the experts' gate and up weights. Gate rows are random directions in the
 whitened space of that layer's inputs, orthogonal to their mean, so top-1 spreads tokens
 over all experts. q/k weights in GGUF are already in the interleaved RoPE layout Llama 4 uses.
 """
@@ -26,6 +26,7 @@ from llama4.errors import HerdInputError
 from llama4.model import Llama4Model
 from llama4.moe import LocalMoE
 from llama4.tokenizer import Tokenizer
+from llama4.weights import GATE
 
 CALIBRATION_TEXT = """\
 The river wound through the valley like a silver ribbon, catching the last light of the
@@ -97,14 +98,14 @@ class _RecordingMoE(LocalMoE):
 
     def __init__(self, *args):
         super().__init__(*args)
-        self.inputs: dict[int, list[torch.Tensor]] = {l: [] for l in self.routers}
+        self.inputs: dict[int, list[torch.Tensor]] = {l: [] for l in self.gates}
 
     def submit(self, layer, x):
         self.inputs[layer].append(x.clone())
         return super().submit(layer, x)
 
 
-def _routers(calib: dict[int, torch.Tensor], num_experts: int, seed: int, logit_scale: float) -> dict[int, torch.Tensor]:
+def _gates(calib: dict[int, torch.Tensor], num_experts: int, seed: int, logit_scale: float) -> dict[int, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for layer, x in calib.items():
@@ -182,21 +183,21 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, num_experts: int = 8, m
         gate_up = torch.cat([2.0 * gate[routed].T, 2.0 * up[routed].T], dim=1)  # [H, 2I], [in, out]
         t[p + "feed_forward.experts.gate_up_proj"] = gate_up[None].expand(num_experts, -1, -1).contiguous()
         t[p + "feed_forward.experts.down_proj"] = down[:, routed].T[None].expand(num_experts, -1, -1).contiguous()
-        t[p + "feed_forward.router.weight"] = torch.zeros(num_experts, hidden)
+        t[p + GATE] = torch.zeros(num_experts, hidden)
 
     files = _tokenizer_files(reader)
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(tmp, cfg, t, files)
         model = Llama4Model.load(Checkpoint(tmp))
         ids = Tokenizer.for_checkpoint(tmp).encode(CALIBRATION_TEXT)
-        recorder = _RecordingMoE(model.moe.routers, model.moe.experts)
+        recorder = _RecordingMoE(model.moe.gates, model.moe.experts)
         model.moe = recorder
         cache = model.new_cache(4096)
         cache.ensure(0, len(ids))
         model.forward(torch.tensor(ids), cache.plan([(0, 0, len(ids))]), cache, torch.tensor([len(ids) - 1]))
         calib = {l: torch.cat(xs) for l, xs in recorder.inputs.items()}
-    for l, router in _routers(calib, num_experts, seed, logit_scale).items():
-        t[f"model.layers.{l}.feed_forward.router.weight"] = router
+    for l, gate_rows in _gates(calib, num_experts, seed, logit_scale).items():
+        t[f"model.layers.{l}.{GATE}"] = gate_rows
 
     tmp_out = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}-"))
     save_checkpoint(tmp_out, cfg, t, files)

@@ -2,21 +2,26 @@
 
 The scheduler is plain Python over sequences (no tensors, no I/O). Each step packs the
 decode token of every running sequence and prefill chunks of new ones, within a token
-budget, runs one forward pass and samples. The same engine serves the monolithic CLI and
-the attention service; only the model's MoE backend differs.
+budget, runs one forward pass and samples: step() = _schedule (which sequences, how many
+tokens each), _prepare (blocks and packing), _run (the forward pass) and _postprocess
+(logprobs, KV tier saves, sampling, stops, route traces). The same engine serves the
+monolithic CLI and the attention service; only the model's MoE backend differs.
 """
 from __future__ import annotations
 
 import itertools
+import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 
+from llama4.config import LayerKind
 from llama4.errors import HerdInputError
-from llama4.kv_cache import CacheFull
+from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull, StepPlan
 from llama4.model import Llama4Model
+from llama4.moe import Route
 from llama4.sampling import SamplingParams, sample
 
 
@@ -35,12 +40,10 @@ class Sequence:
     tokens: list[int]
     generator: torch.Generator | None
     num_computed: int = 0  # tokens whose KV is in the cache
+    num_cached: int = 0  # prompt tokens loaded from the KV tier instead of computed
     output_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
     finish_reason: str | None = None
-    block_hashes: list[bytes] = field(default_factory=list)  # chained prefix hashes (KV tier)
-    num_cached: int = 0  # prompt tokens loaded from the KV tier instead of computed
-    num_blocks_saved: int = 0  # leading full blocks already in the KV tier
 
     @property
     def id(self) -> str:
@@ -67,14 +70,46 @@ class TokenEvent:
     route: list[tuple[int, int, int]] | None = None  # (layer, expert, worker) of the row that produced token
 
 
+class EntryKey(NamedTuple):
+    """One KV tier entry: a block's chained hash, its layer kind, the position after its last token."""
+
+    block_hash: bytes
+    kind: LayerKind
+    end_pos: int
+
+
+@dataclass
+class TierStats:
+    hits: int = 0  # lookups that loaded a prefix (counted by the engine)
+    misses: int = 0
+    tokens_loaded: int = 0
+    load_seconds: float = 0.0
+    bytes_read: int = 0  # counted by the tier
+    bytes_written: int = 0
+    corrupt: int = 0
+    errors: int = 0
+
+
 class KVTier(Protocol):
-    """A second KV tier behind the in-memory cache (see attention_svc.kv_tier)."""
+    """A second KV tier behind the in-memory cache: entries in and out (see attention_svc.kv_tier).
 
-    def load_prefix(self, seq: "Sequence", cache) -> int:
-        """Load the longest cached prefix of seq.tokens into cache; returns its length in tokens."""
+    Every method is a cache operation: on failure it answers "absent" or False, never raises."""
 
-    def store(self, seq: "Sequence", cache, end: int) -> None:
-        """Save every full block of seq below position `end` not saved yet."""
+    block_size: int
+    hash_seed: bytes  # the chain's start: keys of different models never meet
+    stats: TierStats
+
+    def available(self) -> bool:
+        """False while the tier is known to be down (calls would fail)."""
+
+    def count_present(self, hashes: list[bytes], kind: LayerKind) -> int:
+        """How many leading blocks have an entry of `kind`."""
+
+    def get(self, keys: list[EntryKey]) -> list[torch.Tensor | None]:
+        """Each entry's KV, or None where it is missing or fails its checks."""
+
+    def put(self, entries: list[tuple[EntryKey, torch.Tensor]]) -> bool:
+        """Store entries; True when all were written."""
 
 
 @dataclass
@@ -84,15 +119,27 @@ class StepStats:
     num_decodes: int
 
 
+@dataclass
+class StepInputs:
+    """One step's packed batch: what _prepare plans, _run computes and _postprocess reads."""
+
+    batch: list[tuple[Sequence, int]]  # each sequence and how many of its tokens this step computes
+    tokens: list[int]  # [N] packed token ids
+    logit_rows: list[int]  # [M] packed rows that want logits
+    plan: StepPlan
+
+
 class Engine:
     def __init__(self, model: Llama4Model, max_num_seqs: int = 64, max_step_tokens: int = 2048,
-                 max_cache_tokens: int = 65536, block_size: int = 16, max_model_len: int | None = None,
+                 max_cache_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE, max_model_len: int | None = None,
                  kv_tier: KVTier | None = None):
         self.model = model
         self.kv_tier = kv_tier
         self.tokens_computed = 0  # tokens that went through the model (prefill + decode)
         self.cfg = model.cfg
-        self.cache = model.new_cache(max_cache_tokens, block_size)
+        if kv_tier is not None and kv_tier.block_size != block_size:
+            raise HerdInputError(f"kv tier: block_size={kv_tier.block_size} differs from the cache's {block_size}")
+        self.cache = model.new_cache(max_cache_tokens, block_size, hash_seed=kv_tier.hash_seed if kv_tier else b"")
         self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
         self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
         self.waiting: deque[Sequence] = deque()
@@ -103,6 +150,7 @@ class Engine:
 
     # ---- admission ----
     def validate(self, req: Request) -> None:
+        """The one check of a request (add() runs it); reads only what never changes after start."""
         vocab = self.cfg.vocab_size
         if not req.prompt_ids:
             raise HerdInputError("prompt is empty; allowed: at least one token")
@@ -153,7 +201,7 @@ class Engine:
             self.waiting.popleft()
             self.running.append(seq)
             if self.kv_tier is not None and not seq.request.prompt_logprobs:
-                seq.num_computed = seq.num_cached = self.kv_tier.load_prefix(seq, self.cache)
+                seq.num_computed = seq.num_cached = self._load_from_tier(seq)
                 n = min(len(seq.tokens) - seq.num_computed, budget)
             batch.append((seq, n))
             budget -= n
@@ -165,12 +213,21 @@ class Engine:
         blocks = sum(max(self.cache.blocks_needed(s.id, final(s)), 0) for s in [*self.running, new])
         return blocks * self.cache.block_size <= self.cache.num_free_tokens()
 
+    # ---- one step: plan, run, postprocess ----
     def step(self) -> list[TokenEvent]:
         batch = self._schedule()
         if not batch:
             if self.waiting:
                 raise CacheFull("kv cache cannot hold the next waiting request")
             return []
+        work = self._prepare(batch)
+        logits, routes = self._run(work)
+        events = self._postprocess(work, logits, routes)
+        self._reap()
+        return events
+
+    def _prepare(self, batch: list[tuple[Sequence, int]]) -> StepInputs:
+        """Back the step's tokens with blocks and pack them; choose the rows that want logits."""
         entries, tokens, logit_rows, row = [], [], [], 0
         for seq, n in batch:
             self.cache.ensure(seq.id, seq.num_computed + n)
@@ -181,61 +238,117 @@ class Engine:
             elif seq.num_computed + n == len(seq.tokens):
                 logit_rows.append(row + n - 1)
             row += n
-        plan = self.cache.plan(entries)
+        return StepInputs(batch, tokens, logit_rows, self.cache.plan(entries))
+
+    def _run(self, work: StepInputs) -> tuple[torch.Tensor, dict[int, Route]]:
+        """The forward pass: fp32 logits [M, V] of the logit rows, and each MoE layer's route."""
         device = self.model.device
-        logits = self.model.forward(torch.tensor(tokens, device=device), plan, self.cache,
-                                    torch.tensor(logit_rows, dtype=torch.long, device=device))
+        h, routes = self.model.hidden_states(torch.tensor(work.tokens, device=device), work.plan, self.cache)
+        logits = self.model.logits(h, torch.tensor(work.logit_rows, dtype=torch.long, device=device))
+        self.last_step = StepStats(len(work.batch), len(work.tokens), sum(1 for _, n in work.batch if n == 1))
+        self.tokens_computed += len(work.tokens)
+        return logits, routes
+
+    def _postprocess(self, work: StepInputs, logits: torch.Tensor, routes: dict[int, Route]) -> list[TokenEvent]:
+        """Prompt logprobs, KV tier saves, block release, sampling, stop checks, route traces."""
         log_z = torch.logsumexp(logits, dim=-1)  # [M]: log p(t) = logit[t] - log_z, no [M, V] copy
         greedy = torch.argmax(logits, dim=-1).tolist()
-        self.last_step = StepStats(len(batch), len(tokens), sum(1 for _, n in batch if n == 1))
-        self.tokens_computed += len(tokens)
-
+        row_of = {r: i for i, r in enumerate(work.logit_rows)}
         events, row = [], 0
-        row_of = {r: i for i, r in enumerate(logit_rows)}
-        for seq, n in batch:
-            start = seq.num_computed
-            if seq.request.prompt_logprobs and start < seq.num_prompt:
-                if start == 0:
-                    seq.prompt_logprobs.append(None)
-                for j in range(n):
-                    pos = start + j + 1  # the token this row predicts
-                    if pos < seq.num_prompt:
-                        r = row_of[row + j]
-                        seq.prompt_logprobs.append(float(logits[r, seq.tokens[pos]] - log_z[r]))
+        for seq, n in work.batch:
+            first_row, row = row, row + n
+            if seq.request.prompt_logprobs and seq.num_computed < seq.num_prompt:
+                self._score_prompt(seq, n, [row_of[r] for r in range(first_row, row)], logits, log_z)
             seq.num_computed += n
             if self.kv_tier is not None:
-                self.kv_tier.store(seq, self.cache, seq.num_computed)  # before chunked blocks are released
+                self._save_to_tier(seq)  # before chunked blocks are released
             self.cache.release_before(seq.id, seq.num_computed)
-            last = row + n - 1
-            row += n
             if seq.num_computed < len(seq.tokens):
                 continue  # prefill chunk, more to come
             if seq.request.params.max_tokens == 0:
                 seq.finish_reason = "length"
                 events.append(TokenEvent(seq, None, None))
                 continue
-            i = row_of[last]
+            i = row_of[row - 1]
             token = greedy[i] if seq.generator is None else sample(logits[i], seq.request.params, seq.generator)
-            lp = float(logits[i, token] - log_z[i])
-            seq.tokens.append(token)
-            seq.output_logprobs.append(lp)
-            params = seq.request.params
-            if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.stop_ids):
-                seq.finish_reason = "stop"
-            elif len(seq.output_ids) >= params.max_tokens:
-                seq.finish_reason = "length"
-            route = None
-            if seq.request.trace_routes:
-                routes = self.model.moe.last_routes
-                route = [(l, int(routes[l][0][last]), int(routes[l][1][last])) for l in sorted(routes)]
-            events.append(TokenEvent(seq, token, lp, route))
-        self._reap()
+            logprob = float(logits[i, token] - log_z[i])
+            self._append(seq, token, logprob)
+            trace = _trace(routes, row - 1) if seq.request.trace_routes else None
+            events.append(TokenEvent(seq, token, logprob, trace))
         return events
+
+    @staticmethod
+    def _score_prompt(seq: Sequence, n: int, rows: list[int], logits: torch.Tensor, log_z: torch.Tensor) -> None:
+        """log p(prompt token | the ones before it) for the n prompt positions this step computed."""
+        start = seq.num_computed
+        if start == 0:
+            seq.prompt_logprobs.append(None)
+        for j in range(n):
+            pos = start + j + 1  # the token this row predicts
+            if pos < seq.num_prompt:
+                seq.prompt_logprobs.append(float(logits[rows[j], seq.tokens[pos]] - log_z[rows[j]]))
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.tokens.append(token)
+        seq.output_logprobs.append(logprob)
+        params = seq.request.params
+        if (token in params.stop_token_ids) or (not params.ignore_eos and token in self.stop_ids):
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= params.max_tokens:
+            seq.finish_reason = "length"
+
+    # ---- the KV tier: the cache names the blocks, the tier holds them ----
+    def _load_from_tier(self, seq: Sequence) -> int:
+        """Load the longest cached prefix of seq.tokens into the cache; returns its length in tokens."""
+        tier, cache, bs = self.kv_tier, self.cache, self.cache.block_size
+        max_blocks = (len(seq.tokens) - 1) // bs  # the last prompt token is always computed
+        if max_blocks <= 0 or not tier.available():
+            return 0
+        start = time.perf_counter()
+        hashes = cache.block_hashes(seq.id, seq.tokens, max_blocks)
+        n = tier.count_present(hashes, cache.anchor_kind)
+        loaded: dict[tuple[int, LayerKind], torch.Tensor] = {}
+        while n > 0:
+            wanted = [e for e in cache.entries_needed(n) if e not in loaded]
+            got = tier.get([EntryKey(hashes[i], kind, (i + 1) * bs) for i, kind in wanted])
+            loaded.update((e, t) for e, t in zip(wanted, got) if t is not None)
+            bad = [i for (i, _), t in zip(wanted, got) if t is None]
+            if not bad:
+                break
+            n = min(bad)  # keep the verified prefix before the bad block
+        if not tier.available():
+            return 0
+        if n == 0:
+            tier.stats.misses += 1
+            return 0
+        if not cache.load_prefix(seq.id, n, loaded):
+            return 0  # no room now: the scheduler's chunked prefill recomputes within the budget
+        tier.stats.hits += 1
+        tier.stats.tokens_loaded += n * bs
+        tier.stats.load_seconds += time.perf_counter() - start
+        return n * bs
+
+    def _save_to_tier(self, seq: Sequence) -> None:
+        """Save every full block of seq whose KV is computed and not saved yet."""
+        tier, cache, end = self.kv_tier, self.cache, seq.num_computed
+        if not tier.available():
+            return  # retried on a later step; blocks released meanwhile are skipped, not misread
+        todo = cache.unsaved_entries(seq.id, end)
+        if not todo:
+            cache.mark_saved(seq.id, end)
+            return
+        hashes = cache.block_hashes(seq.id, seq.tokens, end // cache.block_size)
+        bs = cache.block_size
+        entries = [(EntryKey(hashes[i], kind, (i + 1) * bs), cache.read_block(seq.id, kind, i).cpu()) for i, kind in todo]
+        if tier.put(entries):
+            cache.mark_saved(seq.id, end)
 
     def _reap(self) -> None:
         for seq in [s for s in self.running if s.finished]:
             self.running.remove(seq)
             self.cache.free(seq.id)
+        for seq in [s for s in self.waiting if s.finished]:
+            self.cache.free(seq.id)  # a waiting sequence may hold block hashes
         self.waiting = deque(s for s in self.waiting if not s.finished)
 
     def run(self, requests: list[Request]) -> list[Sequence]:
@@ -244,3 +357,8 @@ class Engine:
         while self.has_work:
             self.step()
         return seqs
+
+
+def _trace(routes: dict[int, Route], row: int) -> list[tuple[int, int, int]]:
+    """(layer, expert, worker) of one packed row in every MoE layer."""
+    return [(layer, int(r.expert_ids[row]), int(r.workers[row])) for layer, r in sorted(routes.items())]

@@ -1,21 +1,29 @@
-"""Block-structured KV cache that knows Llama 4's two layer kinds.
+"""Block-structured KV cache that knows Llama 4's two layer kinds, and its block bookkeeping.
 
 Tokens live in fixed-size blocks (block_size tokens, every layer of a kind sharing one block
-table per sequence), so a block is the unit a Redis tier stores and loads. Chunked (RoPE)
-layers never look back past the start of the current attention chunk, so their blocks are
-released as a sequence crosses chunk boundaries; full (NoPE) layers keep the whole history.
+table per sequence), so a block is the unit a second tier (Redis) stores and loads. Chunked
+(RoPE) layers never look back past the start of the current attention chunk, so their blocks
+are released as a sequence crosses chunk boundaries; full (NoPE) layers keep the whole history.
 
-Legend: pool k/v per layer [num_blocks, block_size, Hkv, D]; a slot is block * block_size + offset.
+The cache also owns what a second tier needs to know about blocks: the chained hash that
+names each full block (h_i = H(h_(i-1), token ids of block i), h_(-1) = hash_seed), which
+blocks of each layer kind a reader of a prefix needs, which blocks were saved, and the
+allocation of blocks for a prefix loaded from the tier.
+
+Legend: pool k/v per layer [num_blocks, block_size, Hkv, D]; a slot is block * block_size + offset;
+an entry is one block of one layer kind, [layers of kind, 2 (k, v), block_size, Hkv, D].
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 
-from llama4.config import ModelConfig
+from llama4.config import LayerKind, ModelConfig
 
-CHUNKED, FULL = "chunked", "full"
+CHUNKED, FULL = LayerKind.CHUNKED, LayerKind.FULL
+DEFAULT_BLOCK_SIZE = 16
 
 
 class CacheFull(RuntimeError):
@@ -40,25 +48,28 @@ class AttentionGroup:
 
     token_index: torch.Tensor  # [B, T] rows of the packed step batch
     q_pos: torch.Tensor  # [B, T]
-    keys: dict[str, KeyView]
+    keys: dict[LayerKind, KeyView]
 
 
 @dataclass
 class StepPlan:
     positions: torch.Tensor  # [N] absolute position of each packed token
-    write_slots: dict[str, torch.Tensor]  # kind -> [N]
+    write_slots: dict[LayerKind, torch.Tensor]  # kind -> [N]
     groups: list[AttentionGroup]
 
 
 class KVCache:
-    def __init__(self, cfg: ModelConfig, max_tokens: int = 65536, block_size: int = 16,
-                 dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    def __init__(self, cfg: ModelConfig, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE,
+                 dtype: torch.dtype = torch.float32, device: str = "cpu", hash_seed: bytes = b""):
         if block_size < 1 or max_tokens < block_size:
             raise ValueError(f"kv cache: block_size={block_size}, max_tokens={max_tokens} must satisfy 1 <= block_size <= max_tokens")
-        self.cfg, self.block_size, self.device = cfg, block_size, device
+        self.cfg, self.block_size, self.device, self.dtype = cfg, block_size, device, dtype
         self.chunk = cfg.attention_chunk_size
-        self.layer_kind = [CHUNKED if cfg.is_chunked(l) else FULL for l in range(cfg.num_hidden_layers)]
+        self.layer_kind = [cfg.layer_kind(l) for l in range(cfg.num_hidden_layers)]
         self.kinds = sorted(set(self.layer_kind))
+        # A reader's first lookup: every block has an entry of this kind.
+        self.anchor_kind = FULL if FULL in self.kinds else CHUNKED
+        self.hash_seed = hash_seed
         num_blocks = max_tokens // block_size
         self.capacity = {kind: num_blocks for kind in self.kinds}
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
@@ -66,7 +77,9 @@ class KVCache:
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layer_kind]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in self.layer_kind]
         self.free_blocks = {kind: list(range(num_blocks - 1, -1, -1)) for kind in self.kinds}
-        self.tables: dict[object, dict[str, BlockTable]] = {}
+        self.tables: dict[object, dict[LayerKind, BlockTable]] = {}
+        self._hashes: dict[object, list[bytes]] = {}  # seq -> chained hash of each full block so far
+        self._saved: dict[object, int] = {}  # seq -> leading blocks already in the second tier
 
     # ---- allocation ----
     def num_free_tokens(self) -> int:
@@ -103,16 +116,70 @@ class KVCache:
     def free(self, seq_id) -> None:
         for kind, table in self.tables.pop(seq_id, {}).items():
             self.free_blocks[kind].extend(reversed(table.ids))
+        self._hashes.pop(seq_id, None)
+        self._saved.pop(seq_id, None)
+
+    # ---- blocks and the second tier ----
+    def block_hashes(self, seq_id, tokens: list[int], num_blocks: int) -> list[bytes]:
+        """Chained hashes of the first num_blocks full blocks of tokens (remembered per sequence)."""
+        hashes = self._hashes.setdefault(seq_id, [])
+        prev = hashes[-1] if hashes else self.hash_seed
+        bs = self.block_size
+        for i in range(len(hashes), num_blocks):
+            block = torch.tensor(tokens[i * bs : (i + 1) * bs], dtype=torch.int64).numpy().tobytes()
+            prev = hashlib.blake2b(prev + block, digest_size=16).digest()
+            hashes.append(prev)
+        return hashes[:num_blocks]
+
+    def entries_needed(self, num_blocks: int) -> list[tuple[int, LayerKind]]:
+        """(block, kind) entries a sequence resuming after num_blocks blocks needs: the full layers'
+        entry of every block, the chunked layers' entries of the chunk that holds the next position."""
+        entries = [(i, FULL) for i in range(num_blocks)] if FULL in self.kinds else []
+        if CHUNKED in self.kinds:
+            pos = num_blocks * self.block_size
+            first = (pos - pos % self.chunk) // self.block_size if self.chunk else 0
+            entries += [(i, CHUNKED) for i in range(first, num_blocks)]
+        return entries
+
+    def load_prefix(self, seq_id, num_blocks: int, entries: dict[tuple[int, LayerKind], torch.Tensor]) -> bool:
+        """Back the first num_blocks blocks of a new sequence with loaded KV: entries holds every
+        (block, kind) that entries_needed(num_blocks) names. False (nothing changed) without room."""
+        end = num_blocks * self.block_size
+        if self.blocks_needed(seq_id, end) * self.block_size > self.num_free_tokens():
+            return False
+        self.ensure(seq_id, end)
+        needed = self.entries_needed(num_blocks)
+        for kind in self.kinds:
+            blocks = [i for i, k in needed if k == kind]
+            if blocks:
+                self.write_blocks(seq_id, kind, blocks, torch.stack([entries[(i, kind)] for i in blocks]).to(self.device))
+        self.release_before(seq_id, end)
+        self._saved[seq_id] = num_blocks
+        return True
+
+    def unsaved_entries(self, seq_id, end: int) -> list[tuple[int, LayerKind]]:
+        """(block, kind) of the full blocks below position `end` not yet saved whose KV is still in
+        the cache: a chunked block released before it could be saved is skipped, never misread."""
+        start, stop = self._saved.get(seq_id, 0), end // self.block_size
+        tables = self.tables.get(seq_id, {})
+        return [(i, kind) for i in range(start, stop) for kind in self.kinds
+                if kind in tables and i >= tables[kind].first]
+
+    def mark_saved(self, seq_id, end: int) -> None:
+        """Every full block below position `end` is in the second tier (or was skipped)."""
+        self._saved[seq_id] = max(self._saved.get(seq_id, 0), end // self.block_size)
 
     # ---- addressing ----
     def _slots(self, table: BlockTable, start: int, end: int) -> torch.Tensor:
         bs = self.block_size
+        if start // bs < table.first:
+            raise IndexError(f"kv cache: block {start // bs} was released (first resident block {table.first})")
         ids = torch.tensor(table.ids[start // bs - table.first : (end - 1) // bs - table.first + 1], dtype=torch.long)
         slots = (ids[:, None] * bs + torch.arange(bs)).flatten()
         offset = start - (start // bs) * bs
         return slots[offset : offset + end - start]
 
-    def _key_start(self, kind: str, first_query_pos: int) -> int:
+    def _key_start(self, kind: LayerKind, first_query_pos: int) -> int:
         if kind == CHUNKED:
             return first_query_pos - first_query_pos % self.chunk
         return 0
@@ -160,19 +227,19 @@ class KVCache:
         flat_k, flat_v = self._flat(layer)
         flat_k[slots], flat_v[slots] = k, v
 
-    def layers_of(self, kind: str) -> list[int]:
+    def layers_of(self, kind: LayerKind) -> list[int]:
         return [l for l, k in enumerate(self.layer_kind) if k == kind]
 
-    def block_slots(self, seq_id, kind: str, block: int) -> torch.Tensor:
+    def block_slots(self, seq_id, kind: LayerKind, block: int) -> torch.Tensor:
         bs = self.block_size
         return self._slots(self.tables[seq_id][kind], block * bs, (block + 1) * bs)
 
-    def read_block(self, seq_id, kind: str, block: int) -> torch.Tensor:
+    def read_block(self, seq_id, kind: LayerKind, block: int) -> torch.Tensor:
         """[layers of kind, 2 (k, v), block_size, Hkv, D] for one block of a sequence."""
         slots = self.block_slots(seq_id, kind, block)
         return torch.stack([torch.stack([k[slots], v[slots]]) for k, v in map(self._flat, self.layers_of(kind))])
 
-    def write_blocks(self, seq_id, kind: str, blocks: list[int], data: torch.Tensor) -> None:
+    def write_blocks(self, seq_id, kind: LayerKind, blocks: list[int], data: torch.Tensor) -> None:
         """data [len(blocks), layers of kind, 2, block_size, Hkv, D] into those blocks of a sequence."""
         slots = torch.cat([self.block_slots(seq_id, kind, b) for b in blocks])
         per_layer = data.permute(1, 2, 0, 3, 4, 5).flatten(2, 3)  # [layers, 2, blocks * block_size, Hkv, D]

@@ -1,8 +1,9 @@
 """The Llama 4 text decoder stack, written once against the MoEBackend seam.
 
-forward() takes a packed step batch (prefill chunks and decode tokens of many sequences,
-concatenated) and a StepPlan from the KV cache. Legend: N packed tokens, H hidden,
-Hq/Hkv heads, D head dim, V vocabulary, M rows that want logits.
+hidden_states() takes a packed step batch (prefill chunks and decode tokens of many
+sequences, concatenated) and a StepPlan from the KV cache, and hands back the final hidden
+states with the route every MoE layer took; logits() turns chosen rows into logits.
+Legend: N packed tokens, H hidden, Hq/Hkv heads, D head dim, V vocabulary, M rows that want logits.
 """
 from __future__ import annotations
 
@@ -12,11 +13,9 @@ import torch.nn.functional as F
 from kernels import apply_rope, attention, qk_norm, rms_norm, rope_inv_freq, swiglu, temperature_scale
 from llama4.checkpoint import Checkpoint
 from llama4.config import ModelConfig
-from llama4.kv_cache import KVCache, StepPlan
-from llama4.moe import LocalMoE, MoEBackend
-from llama4.weights import DenseWeights, LayerWeights, load_experts, load_routers
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from llama4.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, StepPlan
+from llama4.moe import LocalMoE, MoEBackend, Route
+from llama4.weights import DenseWeights, LayerWeights, load_experts, load_gates
 
 
 class Llama4Model:
@@ -27,29 +26,42 @@ class Llama4Model:
     @classmethod
     def load(cls, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu",
              moe: MoEBackend | None = None) -> "Llama4Model":
-        """moe=None loads every router and expert here (monolithic)."""
+        """moe=None loads every gate and expert here (monolithic)."""
         if moe is None:
             all_experts = list(range(ckpt.config.num_local_experts))
-            moe = LocalMoE(load_routers(ckpt, dtype, device), load_experts(ckpt, all_experts, dtype, device))
+            moe = LocalMoE(load_gates(ckpt, dtype, device), load_experts(ckpt, all_experts, dtype, device))
         return cls(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
 
-    def new_cache(self, max_tokens: int = 65536, block_size: int = 16) -> KVCache:
-        return KVCache(self.cfg, max_tokens=max_tokens, block_size=block_size, dtype=self.dtype, device=self.device)
+    def new_cache(self, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE, hash_seed: bytes = b"") -> KVCache:
+        return KVCache(self.cfg, max_tokens=max_tokens, block_size=block_size, dtype=self.dtype, device=self.device,
+                       hash_seed=hash_seed)
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
         """tokens [N] -> fp32 logits [M, V] for the packed rows logit_rows [M]."""
-        h = self.w.embed[tokens]  # [N, H]
+        h, _ = self.hidden_states(tokens, plan, cache)
+        return self.logits(h, logit_rows)
+
+    @torch.inference_mode()
+    def hidden_states(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache) -> tuple[torch.Tensor, dict[int, Route]]:
+        """tokens [N] -> final hidden states [N, H] and, per MoE layer, where each row was routed."""
+        h, routes = self.w.embed[tokens], {}  # [N, H]
         for layer, lw in enumerate(self.w.layers):
             h = h + self._attention(layer, lw, rms_norm(h, lw.input_norm, self.cfg.rms_norm_eps), plan, cache)
             x = rms_norm(h, lw.post_norm, self.cfg.rms_norm_eps)
             if self.cfg.is_moe_layer(layer):
-                routed = self.moe.submit(layer, x)  # in flight while the shared expert runs
+                pending = self.moe.submit(layer, x)  # in flight while the shared expert runs
                 shared = swiglu(x, *lw.ffn)
-                h = h + (shared + routed.result())
+                routed = pending.result()
+                h, routes[layer] = h + (shared + routed.y), routed.route
             else:
                 h = h + swiglu(x, *lw.ffn)
-        out = rms_norm(h[logit_rows], self.w.norm, self.cfg.rms_norm_eps)
+        return h, routes
+
+    @torch.inference_mode()
+    def logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """fp32 logits [M, V] of the hidden states h [N, H] at rows [M]."""
+        out = rms_norm(h[rows], self.w.norm, self.cfg.rms_norm_eps)
         return F.linear(out, self.w.lm_head).float()
 
     def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
@@ -64,7 +76,7 @@ class Llama4Model:
         elif cfg.attn_temperature_tuning:
             scale = temperature_scale(plan.positions, cfg.floor_scale, cfg.attn_scale)
             q = (q * scale[:, None, None]).to(q.dtype)
-        kind = cache.layer_kind[layer]
+        kind = cfg.layer_kind(layer)
         cache.write(layer, plan.write_slots[kind], k, v)
         chunk = cfg.attention_chunk_size if cfg.is_chunked(layer) else None
         out = torch.empty_like(q)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from llama4.errors import HerdInputError
+from llama4.errors import need
 
 
 @dataclass(frozen=True)
@@ -24,22 +24,14 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, vocab_size: int) -> None:
-        def bad(fld: str, value, allowed: str) -> HerdInputError:
-            return HerdInputError(f"{fld}={value!r} is invalid; allowed: {allowed}")
-
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
-            raise bad("max_tokens", self.max_tokens, "an integer >= 0")
-        if not math.isfinite(self.temperature) or self.temperature < 0:
-            raise bad("temperature", self.temperature, "a finite number >= 0 (0 = greedy)")
-        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", self.top_p, "a number in (0, 1]")
-        if self.top_k < 0:
-            raise bad("top_k", self.top_k, "an integer >= 0 (0 = off)")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
-            raise bad("seed", self.seed, "an integer in [0, 2^63)")
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", self.max_tokens, "an integer >= 0")
+        need(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+             "a finite number >= 0 (0 = greedy)")
+        need(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        need(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        need(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2^63)")
         for t in self.stop_token_ids:
-            if not 0 <= t < vocab_size:
-                raise bad("stop_token_ids", t, f"token ids in [0, {vocab_size})")
+            need(0 <= t < vocab_size, "stop_token_ids", t, f"token ids in [0, {vocab_size})")
 
     def make_generator(self) -> torch.Generator | None:
         if self.temperature == 0:

@@ -57,7 +57,7 @@ def meta_tokenizer_path() -> Path | None:
 
 
 class Tokenizer:
-    """encode/decode/chat over either backend; ids are plain ints."""
+    """encode / detokenize / chat over either backend; ids are plain ints."""
 
     def __init__(self, backend, chat_template: str, bos_token: str | None, stop_ids: set[int], add_bos: bool = True):
         self._backend = backend
@@ -78,8 +78,8 @@ class Tokenizer:
         ids = self._backend.encode(text)
         return ([self.bos_id] if add_bos and self.add_bos and self.bos_id is not None else []) + ids
 
-    def decode(self, ids: list[int], skip_special: bool = True) -> str:
-        return self._backend.decode(ids, skip_special)
+    def detokenize(self, ids: list[int], skip_special: bool = True) -> str:
+        return self._backend.detokenize(ids, skip_special)
 
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
@@ -143,7 +143,7 @@ class _HFBackend:
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
-    def decode(self, ids: list[int], skip_special: bool) -> str:
+    def detokenize(self, ids: list[int], skip_special: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special)
 
     def token_to_id(self, token: str) -> int | None:
@@ -172,7 +172,7 @@ class _TiktokenBackend:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
 
-    def decode(self, ids: list[int], skip_special: bool) -> str:
+    def detokenize(self, ids: list[int], skip_special: bool) -> str:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
         return self._enc.decode([i for i in ids if i < self.vocab_size])
@@ -186,15 +186,15 @@ class _TiktokenBackend:
             return None
 
 
-class IncrementalDecoder:
-    """Turns a stream of token ids into text deltas, holding back incomplete UTF-8."""
+class Detokenizer:
+    """Streaming detokenization: token ids in, text deltas out, holding back incomplete UTF-8."""
 
     def __init__(self, tokenizer: Tokenizer):
         self._tok, self._ids, self._emitted = tokenizer, [], ""
 
     def push(self, token: int) -> str:
         self._ids.append(token)
-        text = self._tok.decode(self._ids)
+        text = self._tok.detokenize(self._ids)
         if text.endswith("\ufffd"):
             return ""
         delta, self._emitted = text[len(self._emitted):], text

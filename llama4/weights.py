@@ -12,7 +12,7 @@ import torch
 from llama4.checkpoint import Checkpoint
 from llama4.config import ModelConfig
 
-ROUTER = "feed_forward.router.weight"
+GATE = "feed_forward.router.weight"  # [E, H]: the MoE gate (HF names it the router)
 GATE_UP = "feed_forward.experts.gate_up_proj"  # [E, H, 2I], [in, out], gate | up concatenated
 DOWN = "feed_forward.experts.down_proj"  # [E, I, H], [in, out]
 
@@ -22,7 +22,7 @@ def layer_prefix(layer: int) -> str:
 
 
 def dense_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every tensor the attention side holds (all but the router and the routed experts)."""
+    """Every tensor the attention side holds (all but the gates and the routed experts)."""
     h, d = cfg.hidden_size, cfg.head_dim
     specs = {"embed_tokens.weight": (cfg.vocab_size, h), "norm.weight": (h,)}
     if not cfg.tie_word_embeddings:
@@ -45,8 +45,8 @@ def dense_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return specs
 
 
-def router_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    return {layer_prefix(l) + ROUTER: (cfg.num_local_experts, cfg.hidden_size) for l in cfg.moe_layer_list}
+def gate_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    return {layer_prefix(l) + GATE: (cfg.num_local_experts, cfg.hidden_size) for l in cfg.moe_layer_list}
 
 
 def expert_specs(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -94,9 +94,10 @@ class DenseWeights:
         return cls(embed=embed, norm=t["norm.weight"], lm_head=t.get("lm_head.weight", embed), layers=layers)
 
 
-def load_routers(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> dict[int, torch.Tensor]:
+def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> dict[int, torch.Tensor]:
+    """{layer: gate weights [E, H]} of every MoE layer."""
     cfg = ckpt.config
-    return {l: ckpt.tensor(layer_prefix(l) + ROUTER, (cfg.num_local_experts, cfg.hidden_size), dtype, device)
+    return {l: ckpt.tensor(layer_prefix(l) + GATE, (cfg.num_local_experts, cfg.hidden_size), dtype, device)
             for l in cfg.moe_layer_list}
 
 
@@ -115,7 +116,7 @@ def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype, de
 def random_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
     """Seeded random weights for every tensor (HF text-only names with the `model.` prefix)."""
     gen = torch.Generator().manual_seed(seed)
-    specs = {**dense_specs(cfg), **router_specs(cfg), **expert_specs(cfg)}
+    specs = {**dense_specs(cfg), **gate_specs(cfg), **expert_specs(cfg)}
     out = {}
     for name, shape in specs.items():
         if name.endswith("norm.weight"):

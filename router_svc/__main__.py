@@ -3,15 +3,15 @@ import argparse
 import logging
 import os
 
-from llama4.model import DTYPES
-from llama4.rpc import run_until_signalled
+from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from plumbing.lifecycle import serve_until_signalled
 from router_svc.server import serve
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(prog="router_svc")
     ap.add_argument("--model", required=True)
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cluster", default="herd")
@@ -22,9 +22,9 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     redis_url = os.environ["HERD_REDIS_URL"]  # carries the password: environment, not argv
-    server, port, _ = serve(args.model, DTYPES[args.dtype], redis_url, args.cluster, args.host, args.port)
+    server, port, _ = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port)
     print(f"ROUTER_LISTENING {args.host}:{port}", flush=True)
-    run_until_signalled(server)
+    serve_until_signalled(server)
 
 
 if __name__ == "__main__":

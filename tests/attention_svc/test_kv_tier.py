@@ -13,7 +13,7 @@ from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
 from llama4.model import Llama4Model
-from llama4.rpc import channel
+from plumbing.grpc_server import channel
 from llama4.sampling import SamplingParams
 
 
@@ -35,9 +35,8 @@ def tokens(n, seed):
 
 
 def engine_with_tier(model, path, url, max_step_tokens=4096):
-    engine = Engine(model, max_step_tokens=max_step_tokens)
-    engine.kv_tier = RedisKVTier(url, Checkpoint(path).fingerprint(), engine.cache)
-    return engine
+    tier = RedisKVTier(url, Checkpoint(path).fingerprint(), model.cfg, model.dtype)
+    return Engine(model, max_step_tokens=max_step_tokens, kv_tier=tier)
 
 
 def run(engine, prompt, max_tokens=12):
@@ -91,7 +90,8 @@ def test_corrupt_entry_is_detected_deleted_and_recomputed(scout, redis_server):
     run(engine, prompt)
     r = redis_lib.Redis.from_url(redis_server.url)
     other = engine_with_tier(model, path, redis_server.url)
-    victim = other.kv_tier._key(other.kv_tier._chain(other.add(Request(prompt)), 5)[4], "full")
+    probe = other.add(Request(prompt))
+    victim = RedisKVTier.key(other.cache.block_hashes(probe.id, probe.tokens, 5)[4], "full")
     other.waiting.clear()
     raw = bytearray(r.get(victim))
     raw[-3] ^= 0xFF
@@ -182,7 +182,7 @@ def test_chat_session_rerenders_the_conversation_and_reuses_its_kv(herd_home, re
     chat = lambda text: llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content=text)])
     first = "Tell me a long story about a llama who climbs the Andes and meets a condor at dawn."
     got1, _ = serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="c", chat=chat(first)), 24)
-    answer = tok.decode(got1)
+    answer = tok.detokenize(got1)
     conversation = [{"role": "user", "content": first}, {"role": "assistant", "content": answer},
                     {"role": "user", "content": "And then?"}]
     ids = tok.apply_chat(conversation)

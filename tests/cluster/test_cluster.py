@@ -20,10 +20,10 @@ from herdpb import expert_pb2, expert_pb2_grpc, llama_pb2, router_pb2, router_pb
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
 from llama4.model import Llama4Model
-from llama4.rpc import channel
+from plumbing.grpc_server import channel
 from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
-from llama4.wire import fill
+from plumbing.tensor_codec import write_tensor
 
 MODEL = "tiny-maverick"
 LOOPBACK = {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}
@@ -122,7 +122,7 @@ def test_malformed_internal_requests_are_refused(cluster, client):
 
     def route(x=None, layer=1, mutate=None):
         req = router_pb2.RouteRequest(layer=layer)
-        fill(req.x, good if x is None else x)
+        write_tensor(req.x, good if x is None else x)
         if mutate:
             mutate(req)
         return router.Route(req, timeout=30)
@@ -138,11 +138,11 @@ def test_malformed_internal_requests_are_refused(cluster, client):
     worker_addr = next(w.address for w in router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers if w.index == 0)
     worker = expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr))
     req = expert_pb2.RunExpertsRequest(layer=1, expert_ids=[0, 1, 127])
-    fill(req.x, good)
+    write_tensor(req.x, good)
     code, msg = _code(lambda: worker.RunExperts(req, timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "127" in msg
     req = expert_pb2.RunExpertsRequest(layer=1, expert_ids=[0, 1, 9999])
-    fill(req.x, good)
+    write_tensor(req.x, good)
     assert _code(lambda: worker.RunExperts(req, timeout=10))[0] == grpc.StatusCode.INVALID_ARGUMENT
     huge = router_pb2.RouteRequest(layer=1)
     huge.x.dtype, huge.x.data = "float32", b"\0" * (70 * 1024 * 1024)

@@ -127,5 +127,5 @@ def test_chat_answer_names_paris(ours):
     model, tok = ours
     ids = tok.apply_chat([{"role": "user", "content": "What is the capital of France?"}])
     (seq,) = Engine(model).run([Request(ids, SamplingParams(max_tokens=24))])
-    assert "Paris" in tok.decode(seq.output_ids)
+    assert "Paris" in tok.detokenize(seq.output_ids)
     assert CALIBRATION_TEXT not in HELD_OUT

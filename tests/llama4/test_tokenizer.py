@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from llama4.tokenizer import IncrementalDecoder, Tokenizer, meta_tokenizer_path
+from llama4.tokenizer import Detokenizer, Tokenizer, meta_tokenizer_path
 
 TEXT = "Hello, world! ¿Qué tal? 12345 naïve — tabs\tand\nnew lines; emoji 🦙 and 日本語."
 
@@ -17,7 +17,7 @@ def meta_tok():
 def test_round_trip_and_known_ids(meta_tok):
     ids = meta_tok.encode(TEXT, add_bos=True)
     assert ids[0] == 200000 and meta_tok.vocab_size == 202048
-    assert meta_tok.decode(ids) == TEXT
+    assert meta_tok.detokenize(ids) == TEXT
     assert meta_tok.token_to_id("<|eot|>") == 200008 and meta_tok.token_to_id("<|patch|>") == 200092
     assert all(i < 200000 for i in ids[1:])
 
@@ -42,7 +42,7 @@ def test_checkpoint_template_wins_over_default(tmp_path, meta_tok):
 
 def test_incremental_decoder_never_splits_a_character(meta_tok):
     ids = meta_tok.encode("🦙 日本語 ok")
-    dec = IncrementalDecoder(meta_tok)
+    dec = Detokenizer(meta_tok)
     pieces = [dec.push(i) for i in ids]
     assert "".join(pieces) == "🦙 日本語 ok"
     assert all("\ufffd" not in p for p in pieces)

@@ -3,17 +3,17 @@ import pytest
 import torch
 
 from herdpb import tensor_pb2
-from llama4.wire import WireError, decode, fill
+from plumbing.tensor_codec import WireError, read_tensor, write_tensor
 
 
 def msg_of(t):
-    return fill(tensor_pb2.Tensor(), t)
+    return write_tensor(tensor_pb2.Tensor(), t)
 
 
 def test_round_trip_is_exact_for_each_dtype():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         t = torch.randn(5, 8).to(dtype)
-        assert torch.equal(decode(msg_of(t), dtype=dtype, cols=8, max_rows=5), t)
+        assert torch.equal(read_tensor(msg_of(t), dtype=dtype, cols=8, max_rows=5), t)
 
 
 @pytest.mark.parametrize("mutate,needle", [
@@ -28,13 +28,13 @@ def test_mismatches_are_named(mutate, needle):
     m = msg_of(torch.randn(5, 8))
     mutate(m)
     with pytest.raises(WireError, match=needle):
-        decode(m, dtype=torch.float32, cols=8, max_rows=5)
+        read_tensor(m, dtype=torch.float32, cols=8, max_rows=5)
 
 
 def test_answers_must_have_exactly_the_rows_asked_for_and_be_finite():
     with pytest.raises(WireError, match=r"expected \[5, 8\]"):
-        decode(msg_of(torch.randn(4, 8)), dtype=torch.float32, cols=8, max_rows=5, exact=True)
+        read_tensor(msg_of(torch.randn(4, 8)), dtype=torch.float32, cols=8, max_rows=5, exact=True)
     bad = torch.randn(2, 8)
     bad[1, 1] = float("inf")
     with pytest.raises(WireError, match="NaN or infinity"):
-        decode(msg_of(bad), dtype=torch.float32, cols=8, max_rows=2)
+        read_tensor(msg_of(bad), dtype=torch.float32, cols=8, max_rows=2)

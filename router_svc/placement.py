@@ -1,0 +1,132 @@
+"""Placement: which expert worker holds which experts, which of them are alive, who gets a row.
+
+The worker table comes from the registry (a restarted worker publishes its new address
+under its old index, and the table follows it); a background probe marks workers up or
+down and sets the router's health; `assign` picks one usable replica per expert.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+import redis
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from herdpb import expert_pb2_grpc
+from plumbing.duplex import Duplex
+from plumbing.grpc_server import channel
+from plumbing.registry import WorkerRegistry
+
+log = logging.getLogger("herd.router")
+RETRY_DOWN_AFTER_S = 5.0
+PROBE_EVERY_S, PROBE_TIMEOUT_S = 1.0, 1.0
+
+
+class Worker:
+    """One expert worker as the router sees it: its address, experts, stream and health."""
+
+    def __init__(self, index: int, address: str, experts: list[int]):
+        self.index, self.address, self.experts = index, address, experts
+        self.channel = channel(address)
+        self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
+        self.stream = Duplex(self.stub.RunExpertsStream)
+        self.rpcs = self.rows = 0
+        self.healthy = True
+        self.down_since = 0.0
+
+    def usable(self) -> bool:
+        # A worker marked down is tried again after a while (it may have been a blip).
+        return self.healthy or time.monotonic() - self.down_since > RETRY_DOWN_AFTER_S
+
+    def mark_down(self) -> None:
+        self.healthy, self.down_since = False, time.monotonic()
+
+    def probe(self) -> bool:
+        try:
+            resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+        except grpc.RpcError:
+            return False
+
+    def close(self) -> None:
+        self.stream.close()
+        self.channel.close()
+
+
+class Placement:
+    def __init__(self, registry: WorkerRegistry, num_experts: int):
+        self.registry, self.num_experts = registry, num_experts
+        self.workers: dict[int, Worker] = {}
+        self.replicas: dict[int, list[int]] = {}  # expert -> workers holding it
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Re-read the registry; keep the last known table while it is unreachable."""
+        try:
+            published = self.registry.workers()
+        except redis.RedisError as exc:
+            log.warning("worker registry unavailable: %s", exc)
+            return
+        with self._lock:
+            replicas: dict[int, list[int]] = {}
+            for index, info in sorted(published.items()):
+                current = self.workers.get(index)
+                if current is None or current.address != info["address"]:
+                    if current is not None:
+                        current.close()
+                        log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
+                    self.workers[index] = Worker(index, info["address"], info["experts"])
+                for e in info["experts"]:
+                    replicas.setdefault(e, []).append(index)
+            self.replicas = replicas
+
+    def missing_experts(self) -> list[int]:
+        """Experts no published worker holds."""
+        return [e for e in range(self.num_experts) if e not in self.replicas]
+
+    def all_experts_live(self) -> bool:
+        return all(any(self.workers[w].healthy for w in self.replicas.get(e, [])) for e in range(self.num_experts))
+
+    def assign(self, expert_ids: torch.Tensor) -> torch.Tensor:
+        """The worker for each row: one usable replica per expert (spread by expert id), -1 if none."""
+        choice = torch.full((self.num_experts,), -1, dtype=torch.long)
+        for e in expert_ids.unique().tolist():
+            holders = self.replicas.get(e, [])
+            usable = [w for w in holders if self.workers[w].usable()]
+            if usable:
+                choice[e] = usable[e % len(usable)]
+        return choice[expert_ids]
+
+    def watch(self, health_servicer, service_names: list[str]) -> None:
+        """Probe every worker's health in the background and serve NOT_SERVING while some
+        expert has no live holder: probes and load balancers see a router that cannot route."""
+
+        def loop():
+            while True:
+                self.refresh()
+                for worker in list(self.workers.values()):
+                    if worker.probe():
+                        worker.healthy = True
+                    elif worker.healthy:
+                        log.warning("expert worker %d at %s fails its health check", worker.index, worker.address)
+                        worker.mark_down()
+                serving = health_pb2.HealthCheckResponse.SERVING
+                status = serving if self.all_experts_live() else health_pb2.HealthCheckResponse.NOT_SERVING
+                for name in ("", *service_names):
+                    health_servicer.set(name, status)
+                time.sleep(PROBE_EVERY_S)
+
+        threading.Thread(target=loop, name="worker-probe", daemon=True).start()
+
+    def wait_for_experts(self, timeout_s: float) -> None:
+        """Block until every expert has a published holder, or raise TimeoutError."""
+        deadline = time.monotonic() + timeout_s
+        self.refresh()
+        while self.missing_experts():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"router: no worker published experts {self.missing_experts()}")
+            time.sleep(0.2)
+            self.refresh()
