@@ -76,7 +76,7 @@ class RedisKVTier:
             self._failed(exc)
             return [None] * len(keys)
         out = []
-        for k, raw in zip(keys, raws):
+        for k, raw in zip(keys, raws, strict=True):
             try:
                 out.append(self.codec.decode_entry(raw, k.kind, k.end_pos))
                 self.stats.bytes_read += len(raw)

@@ -16,7 +16,7 @@ from plumbing.tensor_codec import WireError, read_tensor, write_tensor
 
 
 class _PendingRoute:
-    def __init__(self, owner: "RemoteMoE", dtype: torch.dtype, rows: int, cols: int):
+    def __init__(self, owner: RemoteMoE, dtype: torch.dtype, rows: int, cols: int):
         self._owner, self._dtype, self._rows, self._cols = owner, dtype, rows, cols
 
     def result(self) -> Routed:

@@ -18,7 +18,7 @@ from attention_svc.kv_tier import RedisKVTier, SessionUnavailable
 from attention_svc.remote_moe import RemoteMoE
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
-from llama4.engine import Engine, Request, TokenEvent
+from llama4.engine import Engine, Request
 from llama4.errors import HerdInputError
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
@@ -88,7 +88,8 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         past = self.kv_tier.session(request.session_id)
         if which == "chat":
             if past["tokens"] and past["messages"] is None:
-                raise HerdInputError(f"session {request.session_id!r} holds a token history; continue it with text or ids")
+                raise HerdInputError(f"session {request.session_id!r} holds a token history; "
+                                     "continue it with text or ids")
             messages = (past["messages"] or []) + _messages(request.chat)
             return self.tok.apply_chat(messages), messages
         return past["tokens"] + self._ids(which, request, add_bos=not past["tokens"]), None
@@ -169,7 +170,8 @@ def _messages(chat: llama_pb2.ChatMessages) -> list[dict]:
 
 
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
-          route_timeout: float = 60.0, redis_url: str | None = None, kv_ttl_s: int = 3600) -> tuple[LlamaServicer, RemoteMoE | None]:
+          route_timeout: float = 60.0, redis_url: str | None = None,
+          kv_ttl_s: int = 3600) -> tuple[LlamaServicer, RemoteMoE | None]:
     ckpt = Checkpoint(model_path)
     moe = RemoteMoE(router_address, timeout=route_timeout) if router_address else None
     if moe is None:
@@ -178,7 +180,8 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
         model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
     tier = None
     if redis_url:
-        tier = RedisKVTier(redis_url, ckpt.fingerprint(), ckpt.config, dtype, batching.get("block_size", DEFAULT_BLOCK_SIZE), ttl_s=kv_ttl_s)
+        tier = RedisKVTier(redis_url, ckpt.fingerprint(), ckpt.config, dtype,
+                           batching.get("block_size", DEFAULT_BLOCK_SIZE), ttl_s=kv_ttl_s)
     engine = Engine(model, kv_tier=tier, **batching)
     tok = Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id)
     return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier), moe

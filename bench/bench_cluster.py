@@ -46,7 +46,7 @@ def cluster_decode(client, batch, vocab, gen) -> float:
 
     def one(p):
         first = None
-        for msg in client.generate(ids=p, max_tokens=STEPS + 1, ignore_eos=True):
+        for _ in client.generate(ids=p, max_tokens=STEPS + 1, ignore_eos=True):
             now = time.perf_counter()
             first = first or now
         firsts.append(first)
@@ -59,7 +59,8 @@ def cluster_decode(client, batch, vocab, gen) -> float:
 
 def mono_prefill(model, gen) -> float:
     engine = Engine(model, max_num_seqs=4, max_step_tokens=4 * PREFILL)
-    reqs = [Request(torch.randint(3, model.cfg.vocab_size, (PREFILL,), generator=gen).tolist(), SamplingParams(max_tokens=1))
+    reqs = [Request(torch.randint(3, model.cfg.vocab_size, (PREFILL,), generator=gen).tolist(),
+                    SamplingParams(max_tokens=1))
             for _ in range(4)]
     start = time.perf_counter()
     engine.run(reqs)
@@ -127,7 +128,8 @@ def main() -> None:
                 ["case", "monolithic", "cluster", "cluster / mono", "RunExperts per Route"], rows)
     print(f"\nRoute RPCs per MoE layer per step: {route_rpcs / steps / len(cfg.moe_layers):.2f}")
     for tokens in (1, 8, 64):
-        print(f"wire bytes / minimum at {tokens} tokens per step: {wire_ratio(cfg, tokens, min(tokens, args.workers)):.3f}")
+        print(f"wire bytes / minimum at {tokens} tokens per step: "
+              f"{wire_ratio(cfg, tokens, min(tokens, args.workers)):.3f}")
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ PROMPT = 2048
 
 
 def ttft(model, fingerprint, url, prompt) -> tuple[float, RedisKVTier]:
-    engine = Engine(model, max_step_tokens=PROMPT + 16)
-    engine.kv_tier = RedisKVTier(url, fingerprint, engine.cache)
+    tier = RedisKVTier(url, fingerprint, model.cfg, model.dtype)
+    engine = Engine(model, max_step_tokens=PROMPT + 16, kv_tier=tier)
     start = time.perf_counter()
     engine.run([Request(prompt, SamplingParams(max_tokens=1))])
     return time.perf_counter() - start, engine.kv_tier

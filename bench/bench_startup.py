@@ -47,7 +47,7 @@ def main() -> None:
         up = time.perf_counter() - start
         client = Client(f"127.0.0.1:{args.port}")
         first = None
-        for msg in client.generate(chat=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16):
+        for _ in client.generate(chat=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=16):
             first = first or time.perf_counter() - start
         rss, n = tree_rss(proc.pid)
         print(f"herd up -> SERVING: {up:.1f} s; -> first token: {first:.1f} s")

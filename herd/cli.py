@@ -30,8 +30,8 @@ def _load_local(args):
     import torch
 
     from llama4.checkpoint import Checkpoint
-    from llama4.engine import Engine
     from llama4.dtypes import torch_dtype
+    from llama4.engine import Engine
     from llama4.model import Llama4Model
     from llama4.store import resolve_model
     from llama4.tokenizer import Tokenizer
@@ -74,7 +74,8 @@ def cmd_generate(args) -> int:
                 sys.stdout.flush()
     elapsed = time.perf_counter() - start
     sys.stdout.write("\n")
-    print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s, finish={seq.finish_reason}]", file=sys.stderr)
+    print(f"[{n} tokens in {elapsed:.2f}s, {n / max(elapsed, 1e-9):.1f} tok/s, finish={seq.finish_reason}]",
+          file=sys.stderr)
     return 0
 
 
@@ -106,7 +107,8 @@ def cmd_score(args) -> int:
     if args.target:
         from herd.client import Client
 
-        resp = Client(args.target).score(ids=_parse_ids(args.ids)) if args.ids else Client(args.target).score(text=args.text)
+        resp = (Client(args.target).score(ids=_parse_ids(args.ids)) if args.ids
+                else Client(args.target).score(text=args.text))
         ids, logprobs = list(resp.ids), [None, *resp.logprobs]
     else:
         from llama4.engine import Request
@@ -119,7 +121,7 @@ def cmd_score(args) -> int:
     if args.json:
         print(json.dumps({"ids": ids, "logprobs": logprobs}))
     else:
-        for i, lp in zip(ids, logprobs):
+        for i, lp in zip(ids, logprobs, strict=False):
             print(f"{i:>8} {'' if lp is None else f'{lp:.4f}'}")
     return 0
 
@@ -141,7 +143,8 @@ def cmd_status(args) -> int:
         print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
     kv = st.kv_tier
     if kv.enabled:
-        print(f"kv tier: {kv.hits} hits, {kv.misses} misses, {kv.tokens_loaded} tokens loaded in {kv.load_seconds:.3f}s, "
+        print(f"kv tier: {kv.hits} hits, {kv.misses} misses, "
+              f"{kv.tokens_loaded} tokens loaded in {kv.load_seconds:.3f}s, "
               f"{kv.bytes_read / 2**20:.1f} MiB read, {kv.bytes_written / 2**20:.1f} MiB written, "
               f"{kv.corrupt} corrupt entries, {kv.errors} redis errors")
     else:
@@ -231,7 +234,8 @@ def cmd_convert(args) -> int:
 
     gguf = args.gguf or smollm2_gguf()
     if args.experts < 1 or args.moe_step < 1:
-        raise HerdInputError(f"--experts={args.experts} / --moe-step={args.moe_step} are invalid; allowed: integers >= 1")
+        raise HerdInputError(f"--experts={args.experts} / --moe-step={args.moe_step} are invalid; "
+                             "allowed: integers >= 1")
     print(convert_gguf(gguf, args.out, num_experts=args.experts, moe_step=args.moe_step, seed=args.seed))
     return 0
 

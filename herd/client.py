@@ -31,7 +31,8 @@ class Client:
         return self._call(lambda: self.stub.Generate(req, timeout=self.timeout), stream=True)
 
     def score(self, *, text=None, ids=None) -> llama_pb2.ScoreResponse:
-        req = llama_pb2.ScoreRequest(text=text) if ids is None else llama_pb2.ScoreRequest(ids=llama_pb2.TokenIds(ids=ids))
+        req = (llama_pb2.ScoreRequest(text=text) if ids is None
+               else llama_pb2.ScoreRequest(ids=llama_pb2.TokenIds(ids=ids)))
         return self._call(lambda: self.stub.Score(req, timeout=self.timeout))
 
     def status(self) -> llama_pb2.ClusterStatus:

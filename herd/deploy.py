@@ -74,7 +74,7 @@ class DeployConfig:
         need(self.kv_ttl_s >= 1, "kv_ttl_s", self.kv_ttl_s, "an integer >= 1")
 
     @classmethod
-    def load(cls, path: str | Path | None, **overrides) -> "DeployConfig":
+    def load(cls, path: str | Path | None, **overrides) -> DeployConfig:
         raw = {}
         if path:
             try:

@@ -36,7 +36,8 @@ class RedisServer:
         args = [redis_server_binary(), "--bind", host, "--port", str(self.port), "--save", "", "--appendonly", "no",
                 "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--protected-mode", "yes"]
         # The password goes in through stdin-config, not argv (argv is visible to every user).
-        self.proc = subprocess.Popen(args + ["-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(args + ["-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE)
         self.proc.stdin.write(f"requirepass {self.password}\n".encode())
         self.proc.stdin.close()
         deadline = time.monotonic() + 10
@@ -44,9 +45,10 @@ class RedisServer:
             try:
                 redis.Redis.from_url(self.url).ping()
                 break
-            except redis.RedisError:
+            except redis.RedisError as exc:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start: {self.proc.stderr.read().decode()[-500:]}")
+                    raise RuntimeError(
+                        f"redis-server did not start: {self.proc.stderr.read().decode()[-500:]}") from exc
                 time.sleep(0.05)
 
     @property

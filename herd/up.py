@@ -18,9 +18,9 @@ from pathlib import Path
 from herd.deploy import DeployConfig, place_experts
 from herd.redis_server import RedisServer
 from llama4.config import ModelConfig
+from llama4.store import resolve_model
 from plumbing.grpc_server import wait_serving
 from plumbing.registry import WorkerRegistry
-from llama4.store import resolve_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -35,7 +35,7 @@ class Cluster:
         self.attention_address = self.router_address = self.dashboard_url = None
 
     # ---- start ----
-    def start(self) -> "Cluster":
+    def start(self) -> Cluster:
         try:
             self._start()
         except BaseException:
@@ -47,7 +47,8 @@ class Cluster:
         cfg = self.cfg
         model_path = str(resolve_model(cfg.model))
         ckpt_cfg = ModelConfig.from_dir(model_path)
-        place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement, cfg.replicas)  # fail before starting anything
+        # fail before starting anything
+        place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement, cfg.replicas)
         if cfg.redis_url:
             redis_url = cfg.redis_url
         else:
@@ -88,7 +89,8 @@ class Cluster:
         self.dashboard_url = ctx.dashboard_url
 
     def _spawn(self, name: str, args: list[str], env: dict, ready: str) -> str:
-        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=None, text=True, cwd=ROOT)
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=None, text=True,
+                                cwd=ROOT)
         self.procs[name] = proc
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         for line in proc.stdout:
@@ -108,7 +110,7 @@ class Cluster:
         return [info["pid"] for info in ray.get([a.info.remote() for a in self.actors], timeout=30)]
 
     def stop(self) -> None:
-        for name, proc in reversed(list(self.procs.items())):
+        for _name, proc in reversed(list(self.procs.items())):
             if proc.poll() is None:
                 proc.terminate()
         for proc in self.procs.values():
@@ -131,7 +133,7 @@ class Cluster:
             self.redis.stop()
             self.redis = None
 
-    def __enter__(self) -> "Cluster":
+    def __enter__(self) -> Cluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

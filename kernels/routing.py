@@ -1,7 +1,8 @@
 """Llama 4 top-1 sigmoid routing.
 
-Legend: x [N, H], gate [E, H] (the MoE layer's gate weights, HF's `feed_forward.router`). The score multiplies the expert's INPUT (the reference's
-order); sigmoid is taken in fp32 over the chosen logit only, with no renormalisation.
+Legend: x [N, H], gate [E, H] (the MoE layer's gate weights, HF's `feed_forward.router`).
+The score multiplies the expert's INPUT (the reference's order); sigmoid is taken in fp32
+over the chosen logit only, with no renormalisation.
 """
 import torch
 import torch.nn.functional as F

@@ -52,7 +52,8 @@ class Checkpoint:
             return dict(weight_map)
         single = self.path / "model.safetensors"
         if not single.exists():
-            raise HerdInputError(f"checkpoint: {self.path} has neither model.safetensors nor model.safetensors.index.json")
+            raise HerdInputError(f"checkpoint: {self.path} has neither model.safetensors "
+                                 "nor model.safetensors.index.json")
         with safe_open(single, framework="pt") as f:
             return {key: single.name for key in f.keys()}
 
@@ -86,7 +87,8 @@ class Checkpoint:
         if tuple(actual) != tuple(expected):
             raise HerdInputError(f"checkpoint: tensor {full!r} has shape {list(actual)}; expected {list(expected)}")
 
-    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+    def tensor(self, name: str, shape: tuple[int, ...], dtype: torch.dtype,
+               device: str | torch.device = "cpu") -> torch.Tensor:
         full, sl = self._slice(name)
         self._check_shape(full, sl.get_shape(), shape)
         return sl[:].to(device=device, dtype=dtype)
@@ -110,13 +112,15 @@ class Checkpoint:
         return stacked.to(device=device, dtype=dtype)
 
 
-def save_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor], extra_files: dict[str, str] | None = None) -> None:
+def save_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor],
+                    extra_files: dict[str, str] | None = None) -> None:
     """Write config.json + model.safetensors in the text-only HF layout (keys as given)."""
     from safetensors.torch import save_file
 
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(config.to_hf_dict(), indent=2))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / "model.safetensors"),
+              metadata={"format": "pt"})
     for name, text in (extra_files or {}).items():
         (out / name).write_text(text)

@@ -67,7 +67,8 @@ class ModelConfig:
         object.__setattr__(self, "moe_layers", tuple(int(i) for i in self.moe_layers))
         object.__setattr__(self, "no_rope_layers", tuple(int(i) for i in self.no_rope_layers))
         eos = self.eos_token_id
-        object.__setattr__(self, "eos_token_id", tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()))
+        object.__setattr__(self, "eos_token_id",
+                           tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ()))
         self.validate()
 
     # ---- derived layer kinds: the one place that decides them ----
@@ -106,7 +107,8 @@ class ModelConfig:
         need(self.head_dim % 2 == 0, "head_dim", self.head_dim, "an even integer (RoPE rotates pairs)")
         need(len(self.no_rope_layers) >= self.num_hidden_layers, "no_rope_layers", list(self.no_rope_layers),
              f"a list of 0/1 with at least num_hidden_layers={self.num_hidden_layers} entries")
-        need(all(v in (0, 1) for v in self.no_rope_layers), "no_rope_layers", list(self.no_rope_layers), "entries 0 or 1")
+        need(all(v in (0, 1) for v in self.no_rope_layers), "no_rope_layers", list(self.no_rope_layers),
+             "entries 0 or 1")
         need(all(0 <= i < self.num_hidden_layers for i in self.moe_layers), "moe_layers", list(self.moe_layers),
              f"layer indices in [0, {self.num_hidden_layers})")
         dense = [i for i in range(self.num_hidden_layers) if i not in self._moe_set]
@@ -125,7 +127,7 @@ class ModelConfig:
 
     # ---- reading and writing HF config.json ----
     @classmethod
-    def from_hf_dict(cls, raw: dict, name: str = "") -> "ModelConfig":
+    def from_hf_dict(cls, raw: dict, name: str = "") -> ModelConfig:
         if raw.get("quantization_config"):
             method = raw["quantization_config"].get("quant_method", "unknown")
             raise HerdInputError(
@@ -139,10 +141,12 @@ class ModelConfig:
             raw = text
             model_type = raw.get("model_type", "llama4_text")
         if model_type != "llama4_text":
-            raise HerdInputError(f"config.json: model_type={model_type!r} is not supported; allowed: 'llama4_text', 'llama4'")
+            raise HerdInputError(f"config.json: model_type={model_type!r} is not supported; "
+                                 "allowed: 'llama4_text', 'llama4'")
 
         kwargs = {}
-        names = {f.name for f in dataclasses.fields(cls)} - {"name", "rope_theta", "rope_scaling", "moe_layers", "no_rope_layers"}
+        names = ({f.name for f in dataclasses.fields(cls)}
+                 - {"name", "rope_theta", "rope_scaling", "moe_layers", "no_rope_layers"})
         for key in names:
             if raw.get(key) is not None:
                 kwargs[key] = raw[key]
@@ -170,12 +174,13 @@ class ModelConfig:
             raise HerdInputError(f"config.json: {exc}") from None
 
     @classmethod
-    def from_dir(cls, path: str | Path) -> "ModelConfig":
+    def from_dir(cls, path: str | Path) -> ModelConfig:
         cfg_path = Path(path) / "config.json"
         try:
             raw = json.loads(cfg_path.read_text())
         except FileNotFoundError:
-            raise HerdInputError(f"model: {cfg_path} does not exist; allowed: a directory with a HF config.json, or a preset name") from None
+            raise HerdInputError(f"model: {cfg_path} does not exist; "
+                                 "allowed: a directory with a HF config.json, or a preset name") from None
         except (OSError, json.JSONDecodeError) as exc:
             raise HerdInputError(f"model: cannot read {cfg_path}: {exc}") from None
         return cls.from_hf_dict(raw, name=str(path))
@@ -184,7 +189,8 @@ class ModelConfig:
         """A config.json that transformers' Llama4TextConfig reads back to the same model."""
         rope = {"rope_type": "default", "rope_theta": self.rope_theta}
         if self.rope_scaling:
-            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta, **{k: self.rope_scaling[k] for k in _LLAMA3_KEYS}}
+            rope = {"rope_type": "llama3", "rope_theta": self.rope_theta,
+                    **{k: self.rope_scaling[k] for k in _LLAMA3_KEYS}}
         out = {
             "architectures": ["Llama4ForCausalLM"],
             "model_type": "llama4_text",
@@ -200,7 +206,7 @@ class ModelConfig:
                 out[f.name] = getattr(self, f.name)
         return out
 
-    def replace(self, **changes) -> "ModelConfig":
+    def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
 
     # ---- parameter counts (checked against the published sizes) ----
@@ -235,7 +241,8 @@ def _read_rope(raw: dict) -> tuple[float, dict | None]:
         params["rope_theta"] = raw.get("rope_theta", 500000.0)
     rope_type = params.get("rope_type", "default")
     if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise HerdInputError(f"config.json: rope type {rope_type!r} is not supported; allowed: {list(SUPPORTED_ROPE_TYPES)}")
+        raise HerdInputError(f"config.json: rope type {rope_type!r} is not supported; "
+                             f"allowed: {list(SUPPORTED_ROPE_TYPES)}")
     theta = float(params.get("rope_theta", raw.get("rope_theta", 500000.0)))
     if rope_type == "default":
         return theta, None

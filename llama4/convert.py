@@ -74,16 +74,20 @@ def _tokenizer_files(reader) -> dict[str, str]:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
     if _field(reader, "tokenizer.ggml.model") != "gpt2":
-        raise HerdInputError(f"convert: tokenizer.ggml.model={_field(reader, 'tokenizer.ggml.model')!r}; allowed: 'gpt2'")
+        raise HerdInputError(f"convert: tokenizer.ggml.model={_field(reader, 'tokenizer.ggml.model')!r}; "
+                             "allowed: 'gpt2'")
     tokens = _field(reader, "tokenizer.ggml.tokens")
     types = _field(reader, "tokenizer.ggml.token_type")
     merges = [tuple(m.split(" ", 1)) for m in _field(reader, "tokenizer.ggml.merges")]
     tok = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=False))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == 3])
-    bos, eos = tokens[_field(reader, "tokenizer.ggml.bos_token_id")], tokens[_field(reader, "tokenizer.ggml.eos_token_id")]
-    config = {"bos_token": bos, "eos_token": eos, "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t, ty in zip(tokens, types, strict=False) if ty == 3])
+    bos, eos = (tokens[_field(reader, "tokenizer.ggml.bos_token_id")],
+                tokens[_field(reader, "tokenizer.ggml.eos_token_id")])
+    config = {"bos_token": bos, "eos_token": eos,
+              "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token", False)),
               "chat_template": _field(reader, "tokenizer.chat_template")}
     return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2)}
 
@@ -137,11 +141,13 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, num_experts: int = 8, m
         raise HerdInputError(f"convert: {gguf_path} is not a file")
     reader = GGUFReader(str(gguf_path))
     if _field(reader, "general.architecture") != "llama":
-        raise HerdInputError(f"convert: general.architecture={_field(reader, 'general.architecture')!r}; allowed: 'llama'")
+        raise HerdInputError(f"convert: general.architecture={_field(reader, 'general.architecture')!r}; "
+                             "allowed: 'llama'")
     a = "llama."
     layers = int(_field(reader, a + "block_count"))
     hidden, ffn = int(_field(reader, a + "embedding_length")), int(_field(reader, a + "feed_forward_length"))
-    heads, kv_heads = int(_field(reader, a + "attention.head_count")), int(_field(reader, a + "attention.head_count_kv"))
+    heads, kv_heads = (int(_field(reader, a + "attention.head_count")),
+                       int(_field(reader, a + "attention.head_count_kv")))
     context = int(_field(reader, a + "context_length"))
     if ffn % 2:
         raise HerdInputError(f"convert: feed_forward_length={ffn} must be even to split into shared and routed halves")
@@ -152,7 +158,8 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, num_experts: int = 8, m
         vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn // 2, intermediate_size_mlp=ffn,
         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=hidden // heads,
         num_local_experts=num_experts, moe_layers=tuple(range(moe_step - 1, layers, moe_step)),
-        no_rope_layers=(1,) * layers, attention_chunk_size=context, rope_theta=float(_field(reader, a + "rope.freq_base")),
+        no_rope_layers=(1,) * layers, attention_chunk_size=context,
+        rope_theta=float(_field(reader, a + "rope.freq_base")),
         rope_scaling=None, use_qk_norm=False, attn_temperature_tuning=False, max_position_embeddings=context,
         rms_norm_eps=float(_field(reader, a + "attention.layer_norm_rms_epsilon")), tie_word_embeddings=tied,
         bos_token_id=int(_field(reader, "tokenizer.ggml.bos_token_id")),

@@ -311,8 +311,8 @@ class Engine:
         while n > 0:
             wanted = [e for e in cache.entries_needed(n) if e not in loaded]
             got = tier.get([EntryKey(hashes[i], kind, (i + 1) * bs) for i, kind in wanted])
-            loaded.update((e, t) for e, t in zip(wanted, got) if t is not None)
-            bad = [i for (i, _), t in zip(wanted, got) if t is None]
+            loaded.update((e, t) for e, t in zip(wanted, got, strict=True) if t is not None)
+            bad = [i for (i, _), t in zip(wanted, got, strict=True) if t is None]
             if not bad:
                 break
             n = min(bad)  # keep the verified prefix before the bad block
@@ -339,7 +339,8 @@ class Engine:
             return
         hashes = cache.block_hashes(seq.id, seq.tokens, end // cache.block_size)
         bs = cache.block_size
-        entries = [(EntryKey(hashes[i], kind, (i + 1) * bs), cache.read_block(seq.id, kind, i).cpu()) for i, kind in todo]
+        entries = [(EntryKey(hashes[i], kind, (i + 1) * bs), cache.read_block(seq.id, kind, i).cpu())
+                   for i, kind in todo]
         if tier.put(entries):
             cache.mark_saved(seq.id, end)
 

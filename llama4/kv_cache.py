@@ -62,7 +62,8 @@ class KVCache:
     def __init__(self, cfg: ModelConfig, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE,
                  dtype: torch.dtype = torch.float32, device: str = "cpu", hash_seed: bytes = b""):
         if block_size < 1 or max_tokens < block_size:
-            raise ValueError(f"kv cache: block_size={block_size}, max_tokens={max_tokens} must satisfy 1 <= block_size <= max_tokens")
+            raise ValueError(f"kv cache: block_size={block_size}, max_tokens={max_tokens} "
+                             "must satisfy 1 <= block_size <= max_tokens")
         self.cfg, self.block_size, self.device, self.dtype = cfg, block_size, device, dtype
         self.chunk = cfg.attention_chunk_size
         self.layer_kind = [cfg.layer_kind(l) for l in range(cfg.num_hidden_layers)]
@@ -99,7 +100,8 @@ class KVCache:
         for kind, table in tables.items():
             missing = need - table.first - len(table.ids)
             if missing > len(self.free_blocks[kind]):
-                raise CacheFull(f"kv cache full: {kind} layers need {missing} blocks, {len(self.free_blocks[kind])} free")
+                raise CacheFull(f"kv cache full: {kind} layers need {missing} blocks, "
+                                f"{len(self.free_blocks[kind])} free")
             for _ in range(missing):
                 table.ids.append(self.free_blocks[kind].pop())
 
@@ -152,7 +154,8 @@ class KVCache:
         for kind in self.kinds:
             blocks = [i for i, k in needed if k == kind]
             if blocks:
-                self.write_blocks(seq_id, kind, blocks, torch.stack([entries[(i, kind)] for i in blocks]).to(self.device))
+                self.write_blocks(seq_id, kind, blocks,
+                                  torch.stack([entries[(i, kind)] for i in blocks]).to(self.device))
         self.release_before(seq_id, end)
         self._saved[seq_id] = num_blocks
         return True

@@ -25,14 +25,15 @@ class Llama4Model:
 
     @classmethod
     def load(cls, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             moe: MoEBackend | None = None) -> "Llama4Model":
+             moe: MoEBackend | None = None) -> Llama4Model:
         """moe=None loads every gate and expert here (monolithic)."""
         if moe is None:
             all_experts = list(range(ckpt.config.num_local_experts))
             moe = LocalMoE(load_gates(ckpt, dtype, device), load_experts(ckpt, all_experts, dtype, device))
         return cls(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
 
-    def new_cache(self, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE, hash_seed: bytes = b"") -> KVCache:
+    def new_cache(self, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE,
+                  hash_seed: bytes = b"") -> KVCache:
         return KVCache(self.cfg, max_tokens=max_tokens, block_size=block_size, dtype=self.dtype, device=self.device,
                        hash_seed=hash_seed)
 
@@ -43,7 +44,8 @@ class Llama4Model:
         return self.logits(h, logit_rows)
 
     @torch.inference_mode()
-    def hidden_states(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache) -> tuple[torch.Tensor, dict[int, Route]]:
+    def hidden_states(self, tokens: torch.Tensor, plan: StepPlan,
+                      cache: KVCache) -> tuple[torch.Tensor, dict[int, Route]]:
         """tokens [N] -> final hidden states [N, H] and, per MoE layer, where each row was routed."""
         h, routes = self.w.embed[tokens], {}  # [N, H]
         for layer, lw in enumerate(self.w.layers):

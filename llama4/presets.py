@@ -6,7 +6,8 @@ values from a checkpoint's config.json rather than trusting the published table.
 from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
 
-_SCOUT_ROPE = {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+_SCOUT_ROPE = {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+               "original_max_position_embeddings": 8192}
 
 PRESETS: dict[str, dict] = {
     # Llama-4-Scout-17B-16E-Instruct: every layer MoE, qk-norm, llama3 rope (factor 16, low = high = 1).

@@ -24,7 +24,8 @@ class SamplingParams:
     ignore_eos: bool = False
 
     def validate(self, vocab_size: int) -> None:
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", self.max_tokens, "an integer >= 0")
+        need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", self.max_tokens,
+             "an integer >= 0")
         need(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
              "a finite number >= 0 (0 = greedy)")
         need(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")

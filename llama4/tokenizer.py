@@ -96,7 +96,7 @@ class Tokenizer:
         return self.encode(self.render_chat(messages, add_generation_prompt))
 
     @classmethod
-    def for_checkpoint(cls, path: str | Path | None, eos_ids: tuple[int, ...] = ()) -> "Tokenizer":
+    def for_checkpoint(cls, path: str | Path | None, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
         """The checkpoint's tokenizer; Meta's Llama 4 tokenizer when the directory has none."""
         folder = Path(path) if path else None
         cfg = {}
@@ -110,12 +110,14 @@ class Tokenizer:
         if folder and (folder / "tokenizer.json").exists():
             backend = _HFBackend(folder / "tokenizer.json")
         else:
-            model_file = folder / "tokenizer.model" if folder and (folder / "tokenizer.model").exists() else meta_tokenizer_path()
+            model_file = (folder / "tokenizer.model" if folder and (folder / "tokenizer.model").exists()
+                          else meta_tokenizer_path())
             if model_file is None:
                 raise HerdInputError(f"tokenizer: {path or 'preset'} has no tokenizer.json or tokenizer.model, "
                                      "and the llama-models package (Meta's Llama 4 tokenizer) is not installed")
             backend = _TiktokenBackend(model_file)
-        bos = _token_text(cfg.get("bos_token")) or ("<|begin_of_text|>" if backend.token_to_id("<|begin_of_text|>") is not None else None)
+        bos = _token_text(cfg.get("bos_token")) or (
+            "<|begin_of_text|>" if backend.token_to_id("<|begin_of_text|>") is not None else None)
         eos = _token_text(cfg.get("eos_token"))
         stop = set(eos_ids)
         if eos and backend.token_to_id(eos) is not None:

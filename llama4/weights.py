@@ -77,7 +77,7 @@ class DenseWeights:
     layers: list[LayerWeights]
 
     @classmethod
-    def load(cls, ckpt: Checkpoint, dtype: torch.dtype, device: str) -> "DenseWeights":
+    def load(cls, ckpt: Checkpoint, dtype: torch.dtype, device: str) -> DenseWeights:
         cfg = ckpt.config
         t = {name: ckpt.tensor(name, shape, dtype, device) for name, shape in dense_specs(cfg).items()}
         layers = []
@@ -101,7 +101,8 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> dict[int, t
             for l in cfg.moe_layer_list}
 
 
-def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype, device: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype,
+                 device: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """{layer: (w13 [e, H, 2I], w2 [e, I, H])} for just the given experts of every MoE layer."""
     cfg = ckpt.config
     specs = expert_specs(cfg)

@@ -17,9 +17,11 @@ CHANNEL_OPTIONS = [
 
 
 def start_server(add_servicers, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
-                 max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int, health.HealthServicer]:
+                 max_workers: int = 16,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start a server on host:port (0 = a free port) with health and reflection; returns the bound port."""
-    options = [("grpc.max_send_message_length", max_message_bytes), ("grpc.max_receive_message_length", max_message_bytes),
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options)
     add_servicers(server)

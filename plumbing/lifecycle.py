@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import signal
 import threading
-from typing import Callable
+from collections.abc import Callable
 
 
 def wait_for_signal(check: Callable[[], str | None] | None = None, every_s: float = 1.0) -> str | None:

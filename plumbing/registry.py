@@ -22,7 +22,7 @@ class WorkerRegistry:
         keys = sorted(self._redis.scan_iter(match=self._prefix + "*"))
         values = self._redis.mget(keys) if keys else []
         out = {}
-        for key, raw in zip(keys, values):
+        for key, raw in zip(keys, values, strict=True):
             if raw is not None:
                 out[int(key.decode().rsplit(":", 1)[1])] = json.loads(raw)
         return out

@@ -30,7 +30,8 @@ def write_tensor(msg, t: torch.Tensor):
     return msg
 
 
-def read_tensor(msg, *, dtype: torch.dtype, cols: int, max_rows: int, what: str = "x", exact: bool = False) -> torch.Tensor:
+def read_tensor(msg, *, dtype: torch.dtype, cols: int, max_rows: int, what: str = "x",
+                exact: bool = False) -> torch.Tensor:
     """A [rows, cols] tensor from a herd.v1.Tensor, or WireError naming the problem.
     exact=True: an answer must have exactly max_rows rows."""
     if msg.dtype not in DTYPE_NAMES:

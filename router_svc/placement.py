@@ -46,7 +46,8 @@ class Worker:
 
     def probe(self) -> bool:
         try:
-            resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S)
+            resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(),
+                                                                  timeout=PROBE_TIMEOUT_S)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
         except grpc.RpcError:
             return False

@@ -61,7 +61,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         write_tensor(resp.y, y)
         return resp
 
-    def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor, deadline: float) -> tuple[torch.Tensor, torch.Tensor]:
+    def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
+                  deadline: float) -> tuple[torch.Tensor, torch.Tensor]:
         """Run every row on a worker holding its expert: (y [N, H] in token order, worker of each row [N])."""
         y = torch.empty_like(x)
         served_by = torch.full((x.shape[0],), -1, dtype=torch.long)
@@ -92,7 +93,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
                         fatal = fatal or exc
                         continue
-                    log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address, exc.code())
+                    log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address,
+                                exc.code())
                     worker.mark_down()
                     failed.append(rows)
                     continue
@@ -116,7 +118,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def Status(self, request, context):
         status = router_pb2.RouterStatus(routes=self.routes, retries=self.retries, worker_rpcs=self.worker_rpcs)
         for w in sorted(self.placement.workers.values(), key=lambda w: w.index):
-            status.workers.add(index=w.index, address=w.address, experts=w.experts, healthy=w.healthy, rpcs=w.rpcs, rows=w.rows)
+            status.workers.add(index=w.index, address=w.address, experts=w.experts, healthy=w.healthy,
+                               rpcs=w.rpcs, rows=w.rows)
         for layer, counts in sorted(self.tokens_per_expert.items()):
             status.loads.add(layer=layer, tokens_per_expert=counts.tolist())
         return status

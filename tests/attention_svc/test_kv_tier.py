@@ -13,8 +13,8 @@ from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
 from llama4.model import Llama4Model
-from plumbing.grpc_server import channel
 from llama4.sampling import SamplingParams
+from plumbing.grpc_server import channel
 
 
 @pytest.fixture()
@@ -55,7 +55,7 @@ def test_shared_prefix_is_loaded_not_recomputed(scout, redis_server):
     assert got.num_cached == 1024
     assert warm.tokens_computed - before == 30 + 11  # the uncached tail, then 11 decode steps
     assert got.output_ids == reference.output_ids
-    assert max(abs(a - b) for a, b in zip(got.output_logprobs, reference.output_logprobs)) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(got.output_logprobs, reference.output_logprobs, strict=True)) <= 1e-5
     # A fresh engine (a restart, or another replica) finds the same prefix.
     other = engine_with_tier(model, path, redis_server.url)
     again = run(other, second)
@@ -149,7 +149,8 @@ def test_session_resumes_on_a_restarted_attention_service(scout, redis_server):
     expected = run(Engine(model), out1.tokens + turn2, max_tokens=10)
 
     def serve_once(ids):
-        return serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="conv-1", ids=llama_pb2.TokenIds(ids=ids)))
+        return serve_turn(path, redis_server.url,
+                          llama_pb2.GenerateRequest(session_id="conv-1", ids=llama_pb2.TokenIds(ids=ids)))
 
     got1, _ = serve_once(turn1)
     assert got1 == out1.output_ids

@@ -20,9 +20,9 @@ from herdpb import expert_pb2, expert_pb2_grpc, llama_pb2, router_pb2, router_pb
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
 from llama4.model import Llama4Model
-from plumbing.grpc_server import channel
 from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
+from plumbing.grpc_server import channel
 from plumbing.tensor_codec import write_tensor
 
 MODEL = "tiny-maverick"
@@ -48,7 +48,8 @@ def client(cluster):
 
 def prompts(n=8, seed=5):
     gen = torch.Generator().manual_seed(seed)
-    return [torch.randint(3, 200000, (int(l),), generator=gen).tolist() for l in torch.randint(4, 60, (n,), generator=gen)]
+    return [torch.randint(3, 200000, (int(l),), generator=gen).tolist()
+            for l in torch.randint(4, 60, (n,), generator=gen)]
 
 
 def remote_tokens(client, ids, max_tokens, **kw):
@@ -68,7 +69,8 @@ def test_scores_equal_monolithic(client, mono):
 
 def test_concurrent_requests_are_batched_and_token_identical(client, mono):
     ps = prompts(8)
-    expected = [s.output_ids for s in Engine(mono).run([Request(p, SamplingParams(max_tokens=24, ignore_eos=True)) for p in ps])]
+    expected = [s.output_ids
+                for s in Engine(mono).run([Request(p, SamplingParams(max_tokens=24, ignore_eos=True)) for p in ps])]
     before = client.status()
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         got = list(pool.map(lambda p: remote_tokens(client, p, 24), ps))
@@ -135,7 +137,8 @@ def test_malformed_internal_requests_are_refused(cluster, client):
     bad = good.clone()
     bad[1, 2] = float("nan")
     assert "NaN" in _code(lambda: route(x=bad))[1]
-    worker_addr = next(w.address for w in router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers if w.index == 0)
+    worker_addr = next(w.address for w in router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers
+                       if w.index == 0)
     worker = expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr))
     req = expert_pb2.RunExpertsRequest(layer=1, expert_ids=[0, 1, 127])
     write_tensor(req.x, good)
@@ -192,14 +195,15 @@ def test_cli_score_and_status_through_the_cluster(cluster, herd_home):
     import sys
 
     env = {**os.environ, "HERD_HOME": str(herd_home)}
-    run = lambda *a: subprocess.run([sys.executable, "-m", "herd", *a], capture_output=True, text=True, env=env, timeout=300)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "herd", *a], capture_output=True, text=True, env=env,
+                                    timeout=300)
     ids = "200000,954,72394,101284,264,26,1000,2000"
     remote = run("score", "--target", cluster.attention_address, "--ids", ids, "--json")
     local = run("score", "--model", MODEL, "--ids", ids, "--json")
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
     r, l = json.loads(remote.stdout), json.loads(local.stdout)
     assert r["ids"] == l["ids"] and r["logprobs"][0] is None
-    assert max(abs(a - b) for a, b in zip(r["logprobs"][1:], l["logprobs"][1:])) <= 1e-5
+    assert max(abs(a - b) for a, b in zip(r["logprobs"][1:], l["logprobs"][1:], strict=True)) <= 1e-5
     st = run("status", "--target", cluster.attention_address)
     assert st.returncode == 0 and "worker 3" in st.stdout and "experts [96" in st.stdout
     bad = run("score", "--target", cluster.attention_address, "--ids", "1,999999")
@@ -249,7 +253,8 @@ def test_tokenize_matches_the_checkpoint_tokenizer(client):
     tok = Tokenizer.for_checkpoint(resolve_model(MODEL))
     got = client.stub.Tokenize(llama_pb2.TokenizeRequest(text="Llamas hum."), timeout=10)
     assert list(got.ids) == tok.encode("Llamas hum.", add_bos=True)
-    chat = llama_pb2.TokenizeRequest(chat=llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content="Hi")]))
+    chat = llama_pb2.TokenizeRequest(
+        chat=llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content="Hi")]))
     assert list(client.stub.Tokenize(chat, timeout=10).ids) == tok.apply_chat([{"role": "user", "content": "Hi"}])
 
 

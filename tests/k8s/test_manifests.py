@@ -50,7 +50,8 @@ def test_ray_runs_with_token_auth_and_its_ports_are_not_services():
     workers = ray[0]["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     assert workers["resources"]["limits"]["nvidia.com/gpu"] == 1
     for svc in (d for d in docs() if d["kind"] == "Service"):
-        assert not {p["port"] for p in svc["spec"]["ports"]} & {8265, 10001, 6379 if svc["metadata"]["name"] != "redis" else 0}
+        assert not ({p["port"] for p in svc["spec"]["ports"]}
+                    & {8265, 10001, 6379 if svc["metadata"]["name"] != "redis" else 0})
 
 
 def test_default_deny_and_grpc_probes():

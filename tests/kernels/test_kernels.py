@@ -5,9 +5,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention, grouped_expert_ffn, route_top1, rope_inv_freq, temperature_scale
+from kernels import attention, grouped_expert_ffn, rope_inv_freq, route_top1, temperature_scale
 
-SCOUT_SCALING = {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0, "original_max_position_embeddings": 8192}
+SCOUT_SCALING = {"factor": 16.0, "low_freq_factor": 1.0, "high_freq_factor": 1.0,
+                 "original_max_position_embeddings": 8192}
 
 
 def test_scout_llama3_scaling_divides_exactly_the_long_wavelengths():

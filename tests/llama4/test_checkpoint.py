@@ -87,7 +87,8 @@ def test_quantized_checkpoint_is_refused(reference_models, tmp_path):
 
 def test_bf16_checkpoint_loads_into_compute_dtype(reference_models, tmp_path):
     _, path = reference_models["tiny-scout"]
-    save_file({k: v.bfloat16() for k, v in load_file(path / "model.safetensors").items()}, tmp_path / "model.safetensors")
+    save_file({k: v.bfloat16() for k, v in load_file(path / "model.safetensors").items()},
+              tmp_path / "model.safetensors")
     (tmp_path / "config.json").write_text((path / "config.json").read_text())
     with safe_open(tmp_path / "model.safetensors", "pt") as f:
         assert f.get_slice("model.norm.weight").get_dtype() == "BF16"

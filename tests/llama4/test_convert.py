@@ -78,7 +78,8 @@ def test_converted_checkpoint_is_llama4_moe(converted):
     cfg = Checkpoint(converted).config
     assert cfg.num_local_experts >= 8 and len(cfg.moe_layers) >= 10
     assert cfg.attention_chunk_size >= cfg.max_position_embeddings and all(cfg.no_rope_layers)
-    assert (converted / "tokenizer.json").exists() and "chat_template" in (converted / "tokenizer_config.json").read_text()
+    assert ((converted / "tokenizer.json").exists()
+            and "chat_template" in (converted / "tokenizer_config.json").read_text())
 
 
 def test_logits_and_perplexity_match_dense_model(ours, dense):

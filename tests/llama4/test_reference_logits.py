@@ -56,7 +56,7 @@ def test_logits_match_transformers(reference_models, name):
         assert cfg.num_local_experts == 128 and not cfg.use_qk_norm and not cfg.is_moe_layer(0)
     model = Llama4Model.load(Checkpoint(path))
     prompts = prompts_for(cfg.vocab_size)
-    for ours, ref in zip(herd_logits(model, prompts), hf_logits(hf, prompts)):
+    for ours, ref in zip(herd_logits(model, prompts), hf_logits(hf, prompts), strict=True):
         assert ours.shape == ref.shape
         assert (ours - ref).abs().max().item() <= 1e-4
 
@@ -90,7 +90,7 @@ def test_greedy_generation_matches_transformers_generate(reference_models, name)
     engine = Engine(Llama4Model.load(Checkpoint(path)), max_step_tokens=64)
     prompts = prompts_for(engine.cfg.vocab_size, lengths=(20, 45))
     seqs = engine.run([Request(p, SamplingParams(max_tokens=32)) for p in prompts])
-    for prompt, seq in zip(prompts, seqs):
+    for prompt, seq in zip(prompts, seqs, strict=True):
         with torch.no_grad():
             ref = hf.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)[0, len(prompt):].tolist()
         assert seq.output_ids == ref
