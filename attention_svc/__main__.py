@@ -6,6 +6,7 @@ import os
 
 from attention_svc.server import build, serve
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from plumbing.grpc_server import MAX_MESSAGE_BYTES
 from plumbing.lifecycle import serve_until_signalled
 
 
@@ -21,6 +22,7 @@ def main() -> None:
     ap.add_argument("--route-timeout", type=float, default=60.0)
     ap.add_argument("--kv-ttl", type=int, default=3600, help="seconds a KV block stays in Redis")
     ap.add_argument("--no-kv-tier", action="store_true", help="do not use Redis for KV (HERD_REDIS_URL)")
+    ap.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message cap, each way")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s attention %(levelname)s %(message)s")
@@ -30,8 +32,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     redis_url = None if args.no_kv_tier else os.environ.get("HERD_REDIS_URL")  # environment: it carries a password
     servicer, _ = build(args.model, args.router, torch_dtype(args.dtype), args.device, json.loads(args.batching),
-                        args.route_timeout, redis_url, args.kv_ttl)
-    server, port = serve(servicer, args.host, args.port)
+                        args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes)
+    server, port = serve(servicer, args.host, args.port, args.max_message_bytes)
     print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
     serve_until_signalled(server)
 

@@ -1,8 +1,10 @@
 """The engine loop: the single thread that owns the engine, its model and its KV cache.
 
 RPC handlers submit requests through a queue and read back what the engine produces. The
-engine checks every request (Engine.add, on this thread) and an input error comes back to
-its handler alone; a failed step fails only the requests it held.
+engine checks every request (Engine.add, on this thread) and an input error or a full queue
+comes back to its handler alone. Requests are told apart by the engine's own sequence ids,
+never by the client's label. A sequence that fails, fails alone (its last TokenEvent
+carries the error); only an unexpected engine fault fails every live request.
 """
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import logging
 import queue
 import threading
 
-from llama4.engine import Engine, Request
+from llama4.engine import Engine, QueueFull, Request, Sequence
 from llama4.errors import HerdInputError
 
 log = logging.getLogger("herd.attention")
@@ -23,13 +25,14 @@ class Live:
 
     def __init__(self):
         self.events: queue.Queue = queue.Queue()
+        self.seq: Sequence | None = None  # set by the engine thread once admitted
 
 
 class EngineLoop:
     def __init__(self, engine: Engine):
         self.engine = engine
         self.inbox: queue.Queue = queue.Queue()
-        self.live: dict[str, Live] = {}
+        self.live: dict[int, Live] = {}  # sequence id -> its request
         self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
         self.steps = 0
         threading.Thread(target=self._run, name="engine", daemon=True).start()
@@ -39,8 +42,8 @@ class EngineLoop:
         self.inbox.put(("add", request, live))
         return live
 
-    def abort(self, request_id: str) -> None:
-        self.inbox.put(("abort", request_id, None))
+    def abort(self, live: Live) -> None:
+        self.inbox.put(("abort", None, live))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -51,15 +54,13 @@ class EngineLoop:
             kind, payload, live = item
             if kind == "add":
                 try:
-                    self.engine.add(payload)
-                    self.live[payload.request_id] = live
-                except HerdInputError as exc:
+                    live.seq = self.engine.add(payload)
+                    self.live[live.seq.id] = live
+                except (HerdInputError, QueueFull) as exc:
                     live.events.put(exc)
-            else:
-                self.engine.abort(payload)
-                gone = self.live.pop(payload, None)
-                if gone:
-                    gone.events.put(ABORTED)
+            elif live.seq is not None and self.live.pop(live.seq.id, None) is not None:
+                self.engine.abort(live.seq.id)
+                live.events.put(ABORTED)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -72,10 +73,10 @@ class EngineLoop:
                 continue
             try:
                 events = self.engine.step()
-            except Exception as exc:  # the step's requests fail; the server keeps serving
+            except Exception as exc:  # an engine fault: its requests fail; the server keeps serving
                 log.exception("engine step failed")
-                for rid, live in list(self.live.items()):
-                    self.engine.abort(rid)
+                for seq_id, live in list(self.live.items()):
+                    self.engine.abort(seq_id)
                     live.events.put(exc)
                 self.live.clear()
                 continue

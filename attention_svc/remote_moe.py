@@ -1,8 +1,9 @@
 """RemoteMoE: the MoEBackend that sends a MoE layer's inputs to the router service.
 
-submit() sends the Route request on a long-lived stream and returns at once, so the layer
+submit() sends the Route exchange on a long-lived stream and returns at once, so the layer
 stack computes the shared expert while the routed experts run remotely; result() waits for
-the answer: the routed rows and, for each, the expert and worker that served it.
+the answer: the routed rows and, for each, the expert and worker that served it. A step
+larger than one gRPC message is split into several messages of whole rows, sent together.
 """
 from __future__ import annotations
 
@@ -11,37 +12,47 @@ import torch
 from herdpb import router_pb2, router_pb2_grpc
 from llama4.moe import Route, Routed
 from plumbing.duplex import Duplex
-from plumbing.grpc_server import channel
-from plumbing.tensor_codec import WireError, read_tensor, write_tensor
+from plumbing.grpc_server import MAX_MESSAGE_BYTES, channel
+from plumbing.tensor_codec import WireError, read_tensor, rows_per_message, write_tensor
 
 
 class _PendingRoute:
-    def __init__(self, owner: RemoteMoE, dtype: torch.dtype, rows: int, cols: int):
-        self._owner, self._dtype, self._rows, self._cols = owner, dtype, rows, cols
+    def __init__(self, owner: RemoteMoE, dtype: torch.dtype, chunks: list[int], cols: int):
+        self._owner, self._dtype, self._chunks, self._cols = owner, dtype, chunks, cols  # chunks: rows per message
 
     def result(self) -> Routed:
-        resp = self._owner._stream.receive(self._owner.timeout)
-        y = read_tensor(resp.y, dtype=self._dtype, cols=self._cols, max_rows=self._rows, what="y", exact=True)
-        if len(resp.expert_ids) != self._rows or len(resp.workers) != self._rows:
-            raise WireError(f"route answer names {len(resp.expert_ids)} experts and {len(resp.workers)} workers "
-                            f"for {self._rows} rows")
-        return Routed(y, Route(torch.tensor(list(resp.expert_ids)), torch.tensor(list(resp.workers))))
+        resps = self._owner._stream.receive_all(len(self._chunks), self._owner.timeout)
+        ys, experts, workers = [], [], []
+        for resp, rows in zip(resps, self._chunks, strict=True):
+            ys.append(read_tensor(resp.y, dtype=self._dtype, cols=self._cols, max_rows=rows, what="y", exact=True))
+            if len(resp.expert_ids) != rows or len(resp.workers) != rows:
+                raise WireError(f"route answer names {len(resp.expert_ids)} experts and {len(resp.workers)} "
+                                f"workers for {rows} rows")
+            experts.extend(resp.expert_ids)
+            workers.extend(resp.workers)
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        return Routed(y, Route(torch.tensor(experts, dtype=torch.long), torch.tensor(workers, dtype=torch.long)))
 
 
 class RemoteMoE:
-    def __init__(self, router_address: str, timeout: float = 60.0):
-        self._channel = channel(router_address)
+    def __init__(self, router_address: str, timeout: float = 60.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
+        self._channel = channel(router_address, max_message_bytes)
         self._stub = router_pb2_grpc.RouterStub(self._channel)
         self._stream = Duplex(self._stub.RouteStream)
-        self.timeout = timeout
-        self.route_rpcs = 0
+        self.timeout, self.max_message_bytes = timeout, max_message_bytes
+        self.route_rpcs = 0  # Route exchanges (one per MoE layer per step, whatever its messages)
 
     def submit(self, layer: int, x: torch.Tensor) -> _PendingRoute:
-        req = router_pb2.RouteRequest(layer=layer)
-        write_tensor(req.x, x)
+        step = rows_per_message(x.shape[1], x.dtype, self.max_message_bytes)
+        reqs, chunks = [], []
+        for start in range(0, max(x.shape[0], 1), step):
+            req = router_pb2.RouteRequest(layer=layer)
+            write_tensor(req.x, x[start : start + step])
+            reqs.append(req)
+            chunks.append(min(step, x.shape[0] - start))
         self.route_rpcs += 1
-        self._stream.send(req)
-        return _PendingRoute(self, x.dtype, x.shape[0], x.shape[1])
+        self._stream.send_all(reqs)
+        return _PendingRoute(self, x.dtype, chunks, x.shape[1])
 
     def router_status(self) -> router_pb2.RouterStatus:
         return self._stub.Status(router_pb2.RouterStatusRequest(), timeout=5)

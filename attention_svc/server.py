@@ -18,14 +18,14 @@ from attention_svc.kv_tier import RedisKVTier, SessionUnavailable
 from attention_svc.remote_moe import RemoteMoE
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
-from llama4.engine import Engine, Request
+from llama4.engine import Engine, QueueFull, Request
 from llama4.errors import HerdInputError
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer, Tokenizer
 from llama4.weights import DenseWeights
-from plumbing.grpc_server import start_server
+from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 
 log = logging.getLogger("herd.attention")
 DEFAULT_MAX_TOKENS = 256
@@ -49,17 +49,17 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
             return self.tok.apply_chat(_messages(msg.chat))
         raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
 
-    @staticmethod
-    def _params(p: llama_pb2.SamplingParams) -> SamplingParams:
+    def _params(self, p: llama_pb2.SamplingParams) -> SamplingParams:
         """The request's sampling parameters; the engine checks them (Engine.validate)."""
-        return SamplingParams(max_tokens=p.max_tokens or DEFAULT_MAX_TOKENS, temperature=p.temperature,
+        default_max_tokens = min(DEFAULT_MAX_TOKENS, self.loop.engine.max_new_tokens or DEFAULT_MAX_TOKENS)
+        return SamplingParams(max_tokens=p.max_tokens or default_max_tokens, temperature=p.temperature,
                               top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed if p.HasField("seed") else None,
                               stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
 
     def _run(self, request: Request, context):
         """Submit to the engine and yield TokenEvents until the sequence finishes."""
         live = self.loop.submit(request)
-        context.add_callback(lambda: self.loop.abort(request.request_id))  # cancel, disconnect, deadline
+        context.add_callback(lambda: self.loop.abort(live))  # cancel, disconnect, deadline
         while True:
             try:
                 ev = live.events.get(timeout=1.0)
@@ -69,10 +69,15 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 continue
             if isinstance(ev, HerdInputError):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(ev))
+            if isinstance(ev, QueueFull):
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(ev))
             if ev is ABORTED:
                 context.abort(grpc.StatusCode.CANCELLED, "request aborted")
             if isinstance(ev, Exception):
                 context.abort(grpc.StatusCode.UNAVAILABLE, f"model step failed: {ev}")
+            if ev.seq.finish_reason == "error":
+                code = grpc.StatusCode.UNAVAILABLE if ev.seq.retryable else grpc.StatusCode.INTERNAL
+                context.abort(code, ev.seq.error)
             yield ev
             if ev.seq.finished:
                 return
@@ -170,10 +175,10 @@ def _messages(chat: llama_pb2.ChatMessages) -> list[dict]:
 
 
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
-          route_timeout: float = 60.0, redis_url: str | None = None,
-          kv_ttl_s: int = 3600) -> tuple[LlamaServicer, RemoteMoE | None]:
+          route_timeout: float = 60.0, redis_url: str | None = None, kv_ttl_s: int = 3600,
+          max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[LlamaServicer, RemoteMoE | None]:
     ckpt = Checkpoint(model_path)
-    moe = RemoteMoE(router_address, timeout=route_timeout) if router_address else None
+    moe = RemoteMoE(router_address, route_timeout, max_message_bytes) if router_address else None
     if moe is None:
         model = Llama4Model.load(ckpt, dtype, device)
     else:
@@ -187,7 +192,8 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
     return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier), moe
 
 
-def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0):
+def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES):
     server, bound, _ = start_server(lambda s: llama_pb2_grpc.add_LlamaServicer_to_server(servicer, s),
-                                    ["herd.v1.Llama"], host=host, port=port, max_workers=64)
+                                    ["herd.v1.Llama"], host=host, port=port, max_workers=64,
+                                    max_message_bytes=max_message_bytes)
     return server, bound

@@ -15,7 +15,8 @@ import ray
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertWorker:
     def __init__(self, index: int, experts: list[int], model_path: str, dtype: str, device: str,
-                 redis_url: str, cluster: str, host: str = "127.0.0.1", threads: int = 1):
+                 redis_url: str, cluster: str, host: str = "127.0.0.1", threads: int = 1,
+                 max_message_bytes: int = 64 * 1024 * 1024):
         import torch
 
         from expert_svc.server import serve
@@ -25,7 +26,8 @@ class ExpertWorker:
         torch.set_num_threads(threads)
         self.index, self.experts = index, experts
         try:
-            self.server, port, self.servicer = serve(model_path, experts, torch_dtype(dtype), device, host=host)
+            self.server, port, self.servicer = serve(model_path, experts, torch_dtype(dtype), device, host=host,
+                                                     max_message_bytes=max_message_bytes)
             # Bound to every interface (Kubernetes): publish the node's address, not 0.0.0.0.
             advertised = ray.util.get_node_ip_address() if ipaddress.ip_address(host).is_unspecified else host
             self.address = f"{advertised}:{port}"

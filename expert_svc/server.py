@@ -14,7 +14,7 @@ from herdpb import expert_pb2, expert_pb2_grpc
 from kernels import grouped_expert_ffn
 from llama4.checkpoint import Checkpoint
 from llama4.weights import load_experts
-from plumbing.grpc_server import start_server
+from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
 
 
@@ -51,14 +51,20 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         with self._lock, torch.inference_mode():
             w13, w2 = self.weights[request.layer]
             y = grouped_expert_ffn(x.to(self.device), local.to(self.device), w13, w2)
-            self.rows_served += x.shape[0]
+        if not torch.isfinite(y).all():  # finite inputs can still overflow: the caller's fault, this call only
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                          f"expert output overflowed for layer {request.layer}: inputs out of range "
+                          f"(max |x| = {x.abs().max().item():.3g})")
+        self.rows_served += x.shape[0]
         resp = expert_pb2.RunExpertsResponse()
         write_tensor(resp.y, y)
         return resp
 
 
-def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, host: str = "127.0.0.1", port: int = 0):
+def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, host: str = "127.0.0.1", port: int = 0,
+          max_message_bytes: int = MAX_MESSAGE_BYTES):
     servicer = ExpertServicer(Checkpoint(model_path), experts, dtype, device)
     server, bound, _ = start_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s),
-                                    ["herd.v1.ExpertWorker"], host=host, port=port)
+                                    ["herd.v1.ExpertWorker"], host=host, port=port,
+                                    max_message_bytes=max_message_bytes)
     return server, bound, servicer

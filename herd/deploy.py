@@ -26,6 +26,9 @@ class Batching:
     max_step_tokens: int = 2048  # tokens per forward step (prefill chunks + decodes)
     max_cache_tokens: int = 65536  # in-memory KV cache capacity, tokens (admission waits beyond it)
     block_size: int = 16  # tokens per KV block: the unit the Redis tier stores
+    max_waiting: int = 1024  # queued requests; beyond it new ones get RESOURCE_EXHAUSTED
+    max_prompt_tokens: int | None = None  # per-request prompt limit (None: the context length)
+    max_new_tokens: int | None = None  # per-request max_tokens limit (None: the context length)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class DeployConfig:
     redis_maxmemory: str = "1gb"  # for the private redis-server (LRU eviction beyond it)
     route_timeout_s: float = 60.0
     startup_timeout_s: float = 300.0
+    max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap on every hop; larger steps are split
     cluster: str = "herd"
     batching: Batching = field(default_factory=Batching)
 
@@ -72,6 +76,13 @@ class DeployConfig:
         need(b.max_cache_tokens >= 64, "batching.max_cache_tokens", b.max_cache_tokens, "an integer >= 64")
         need(1 <= b.block_size <= b.max_cache_tokens, "batching.block_size", b.block_size, "1 to max_cache_tokens")
         need(self.kv_ttl_s >= 1, "kv_ttl_s", self.kv_ttl_s, "an integer >= 1")
+        need(isinstance(self.max_message_bytes, int) and self.max_message_bytes >= 65536, "max_message_bytes",
+             self.max_message_bytes, "an integer >= 65536")
+        need(isinstance(b.max_waiting, int) and b.max_waiting >= 1, "batching.max_waiting", b.max_waiting,
+             "an integer >= 1")
+        for name in ("max_prompt_tokens", "max_new_tokens"):
+            v = getattr(b, name)
+            need(v is None or (isinstance(v, int) and v >= 1), f"batching.{name}", v, "null or an integer >= 1")
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> DeployConfig:

@@ -62,13 +62,15 @@ class Cluster:
         env = {**os.environ, "HERD_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
         self.router_address = self._spawn("router", [
             "-m", "router_svc", "--model", model_path, "--dtype", cfg.dtype, "--host", cfg.host,
-            "--port", str(cfg.router_port), "--cluster", cfg.cluster], env, "ROUTER_LISTENING")
+            "--port", str(cfg.router_port), "--cluster", cfg.cluster,
+            "--max-message-bytes", str(cfg.max_message_bytes)], env, "ROUTER_LISTENING")
         wait_serving(self.router_address, cfg.startup_timeout_s)
         batching = json.dumps(vars(cfg.batching))
         self.attention_address = self._spawn("attention", [
             "-m", "attention_svc", "--model", model_path, "--router", self.router_address, "--dtype", cfg.dtype,
             "--device", cfg.device, "--host", cfg.host, "--port", str(cfg.attention_port), "--batching", batching,
             "--route-timeout", str(cfg.route_timeout_s), "--kv-ttl", str(cfg.kv_ttl_s),
+            "--max-message-bytes", str(cfg.max_message_bytes),
             *([] if cfg.kv_tier else ["--no-kv-tier"])], env, "ATTENTION_LISTENING")
         wait_serving(self.attention_address, cfg.startup_timeout_s)
 
@@ -154,7 +156,8 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
     for i, experts in enumerate(shards):
         opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker)
         actors.append(ExpertWorker.options(**opts).remote(
-            i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads))
+            i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads,
+            cfg.max_message_bytes))
     infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)
     for info in infos:
         wait_serving(info["address"], cfg.startup_timeout_s)

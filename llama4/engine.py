@@ -10,9 +10,9 @@ monolithic CLI and the attention service; only the model's MoE backend differs.
 from __future__ import annotations
 
 import itertools
+import math
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
 import torch
@@ -22,44 +22,11 @@ from llama4.errors import HerdInputError
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull, StepPlan
 from llama4.model import Llama4Model
 from llama4.moe import Route
-from llama4.sampling import SamplingParams, sample
+from llama4.sampling import sample
+from llama4.scheduler import QueueFull, Scheduler
+from llama4.sequence import Request, Sequence
 
-
-@dataclass
-class Request:
-    prompt_ids: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    request_id: str = ""
-    prompt_logprobs: bool = False  # score mode: log p(token_i | tokens_<i) for the prompt
-    trace_routes: bool = False  # report the expert and worker of every MoE layer for each token
-
-
-@dataclass
-class Sequence:
-    request: Request
-    tokens: list[int]
-    generator: torch.Generator | None
-    num_computed: int = 0  # tokens whose KV is in the cache
-    num_cached: int = 0  # prompt tokens loaded from the KV tier instead of computed
-    output_logprobs: list[float] = field(default_factory=list)
-    prompt_logprobs: list[float | None] = field(default_factory=list)
-    finish_reason: str | None = None
-
-    @property
-    def id(self) -> str:
-        return self.request.request_id
-
-    @property
-    def num_prompt(self) -> int:
-        return len(self.request.prompt_ids)
-
-    @property
-    def output_ids(self) -> list[int]:
-        return self.tokens[self.num_prompt:]
-
-    @property
-    def finished(self) -> bool:
-        return self.finish_reason is not None
+__all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier", "EntryKey", "TierStats"]
 
 
 @dataclass
@@ -125,14 +92,17 @@ class StepInputs:
 
     batch: list[tuple[Sequence, int]]  # each sequence and how many of its tokens this step computes
     tokens: list[int]  # [N] packed token ids
-    logit_rows: list[int]  # [M] packed rows that want logits
+    sample_rows: list[int]  # [M] packed rows whose next token is sampled
+    score_rows: list[int]  # [R] packed rows of scored prompts ...
+    score_targets: list[int]  # [R] ... and the prompt token each of them predicts
     plan: StepPlan
 
 
 class Engine:
     def __init__(self, model: Llama4Model, max_num_seqs: int = 64, max_step_tokens: int = 2048,
                  max_cache_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE, max_model_len: int | None = None,
-                 kv_tier: KVTier | None = None):
+                 kv_tier: KVTier | None = None, max_waiting: int = 1024, max_prompt_tokens: int | None = None,
+                 max_new_tokens: int | None = None):
         self.model = model
         self.kv_tier = kv_tier
         self.tokens_computed = 0  # tokens that went through the model (prefill + decode)
@@ -140,13 +110,25 @@ class Engine:
         if kv_tier is not None and kv_tier.block_size != block_size:
             raise HerdInputError(f"kv tier: block_size={kv_tier.block_size} differs from the cache's {block_size}")
         self.cache = model.new_cache(max_cache_tokens, block_size, hash_seed=kv_tier.hash_seed if kv_tier else b"")
-        self.max_num_seqs, self.max_step_tokens = max_num_seqs, max_step_tokens
+        self.scheduler = Scheduler(self.cache, max_num_seqs, max_step_tokens, max_waiting)
         self.max_model_len = min(max_model_len or self.cfg.max_position_embeddings, self.cfg.max_position_embeddings)
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.max_prompt_tokens = max_prompt_tokens or self.max_model_len
+        self.max_new_tokens = max_new_tokens  # None: only the context limit bounds max_tokens
         self.stop_ids = frozenset(self.cfg.eos_token_id)
         self._ids = itertools.count()
         self.last_step: StepStats | None = None
+
+    @property
+    def waiting(self):
+        return self.scheduler.waiting
+
+    @property
+    def running(self) -> list[Sequence]:
+        return self.scheduler.running
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
 
     # ---- admission ----
     def validate(self, req: Request) -> None:
@@ -157,108 +139,102 @@ class Engine:
         bad = [t for t in req.prompt_ids if not 0 <= t < vocab]
         if bad:
             raise HerdInputError(f"prompt token id {bad[0]} is out of range; allowed: [0, {vocab})")
-        req.params.validate(vocab)
+        if len(req.prompt_ids) > self.max_prompt_tokens:
+            raise HerdInputError(f"prompt has {len(req.prompt_ids)} tokens; allowed: at most {self.max_prompt_tokens}")
+        req.params.validate(vocab, self.max_new_tokens)
         total = len(req.prompt_ids) + req.params.max_tokens
         if total > self.max_model_len:
             raise HerdInputError(
                 f"prompt ({len(req.prompt_ids)} tokens) + max_tokens ({req.params.max_tokens}) = {total} "
                 f"exceeds the context limit {self.max_model_len}")
-        if total > self.cache.capacity[self.cache.kinds[0]] * self.cache.block_size:
-            raise HerdInputError(f"prompt + max_tokens = {total} exceeds the KV cache size")
+        if total > self.cache.num_blocks * self.cache.block_size:
+            raise HerdInputError(f"prompt + max_tokens = {total} exceeds the KV cache size "
+                                 f"{self.cache.num_blocks * self.cache.block_size}")
 
     def add(self, req: Request) -> Sequence:
+        """Check and queue a request; HerdInputError if it is invalid, QueueFull if the queue is."""
         self.validate(req)
-        if not req.request_id:
-            req.request_id = f"req-{next(self._ids)}"
-        seq = Sequence(req, list(req.prompt_ids), req.params.make_generator())
-        self.waiting.append(seq)
+        req.params = req.params.normalized()
+        seq = Sequence(next(self._ids), req, list(req.prompt_ids), req.params.make_generator())
+        self.scheduler.add(seq)
         return seq
 
-    def abort(self, request_id: str) -> None:
-        for seq in list(self.running) + list(self.waiting):
-            if seq.id == request_id and not seq.finished:
+    def abort(self, seq_id: int) -> None:
+        for seq in (*self.running, *self.waiting):
+            if seq.id == seq_id and not seq.finished:
                 seq.finish_reason = "abort"
-        self._reap()
-
-    @property
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
-
-    # ---- scheduling ----
-    def _schedule(self) -> list[tuple[Sequence, int]]:
-        budget, batch = self.max_step_tokens, []
-        # Running sequences first: decodes, then the rest of partially prefilled prompts.
-        for seq in self.running:
-            n = min(len(seq.tokens) - seq.num_computed, budget)
-            if n > 0:
-                batch.append((seq, n))
-                budget -= n
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
-            n = min(len(seq.tokens), budget)
-            if not self._fits(seq):
-                break  # it waits: admitted sequences must be able to finish without preemption
-            self.waiting.popleft()
-            self.running.append(seq)
-            if self.kv_tier is not None and not seq.request.prompt_logprobs:
-                seq.num_computed = seq.num_cached = self._load_from_tier(seq)
-                n = min(len(seq.tokens) - seq.num_computed, budget)
-            batch.append((seq, n))
-            budget -= n
-        return batch
-
-    def _fits(self, new: Sequence) -> bool:
-        """Whether the cache can hold every running sequence and `new` up to their last token."""
-        final = lambda s: s.num_prompt + s.request.params.max_tokens
-        blocks = sum(max(self.cache.blocks_needed(s.id, final(s)), 0) for s in [*self.running, new])
-        return blocks * self.cache.block_size <= self.cache.num_free_tokens()
+        self.scheduler.reap()
 
     # ---- one step: plan, run, postprocess ----
     def step(self) -> list[TokenEvent]:
-        batch = self._schedule()
+        batch = self.scheduler.schedule(admit=self._admit)
         if not batch:
             if self.waiting:
                 raise CacheFull("kv cache cannot hold the next waiting request")
             return []
         work = self._prepare(batch)
-        logits, routes = self._run(work)
-        events = self._postprocess(work, logits, routes)
-        self._reap()
+        try:
+            logits, scores, routes = self._run(work)
+        except Exception as exc:  # the step's sequences fail; every other one goes on
+            for seq, _ in batch:
+                seq.fail(f"model step failed: {exc}", retryable=True)
+            events = [TokenEvent(seq, None, None) for seq, _ in batch]
+        else:
+            events = self._postprocess(work, logits, scores, routes)
+        self.scheduler.reap()
         return events
 
-    def _prepare(self, batch: list[tuple[Sequence, int]]) -> StepInputs:
-        """Back the step's tokens with blocks and pack them; choose the rows that want logits."""
-        entries, tokens, logit_rows, row = [], [], [], 0
-        for seq, n in batch:
-            self.cache.ensure(seq.id, seq.num_computed + n)
-            entries.append((seq.id, seq.num_computed, n))
-            tokens.extend(seq.tokens[seq.num_computed : seq.num_computed + n])
-            if seq.request.prompt_logprobs and seq.num_computed < seq.num_prompt:
-                logit_rows.extend(range(row, row + n))
-            elif seq.num_computed + n == len(seq.tokens):
-                logit_rows.append(row + n - 1)
-            row += n
-        return StepInputs(batch, tokens, logit_rows, self.cache.plan(entries))
+    def _admit(self, seq: Sequence) -> None:
+        if self.kv_tier is not None and not seq.request.prompt_logprobs:
+            seq.num_computed = seq.num_cached = self._load_from_tier(seq)
 
-    def _run(self, work: StepInputs) -> tuple[torch.Tensor, dict[int, Route]]:
-        """The forward pass: fp32 logits [M, V] of the logit rows, and each MoE layer's route."""
+    def _prepare(self, batch: list[tuple[Sequence, int]]) -> StepInputs:
+        """Pack the step's tokens (their blocks are ensured) and choose the rows that want logits."""
+        entries, tokens, sample_rows, score_rows, score_targets, row = [], [], [], [], [], 0
+        for seq, n in batch:
+            start = seq.num_computed
+            entries.append((seq.id, start, n))
+            tokens.extend(seq.tokens[start : start + n])
+            if seq.request.prompt_logprobs and start < seq.num_prompt:
+                for j in range(n):  # row j predicts the prompt token at start + j + 1
+                    if start + j + 1 < seq.num_prompt:
+                        score_rows.append(row + j)
+                        score_targets.append(seq.tokens[start + j + 1])
+            elif start + n == len(seq.tokens):
+                sample_rows.append(row + n - 1)
+            row += n
+        return StepInputs(batch, tokens, sample_rows, score_rows, score_targets, self.cache.plan(entries))
+
+    def _run(self, work: StepInputs) -> tuple[torch.Tensor, torch.Tensor, dict[int, Route]]:
+        """The forward pass: fp32 logits [M, V] of the sample rows, log-probabilities [R] of the
+        scored prompt tokens (computed chunk by chunk: no [R, V] copy), each MoE layer's route."""
         device = self.model.device
         h, routes = self.model.hidden_states(torch.tensor(work.tokens, device=device), work.plan, self.cache)
-        logits = self.model.logits(h, torch.tensor(work.logit_rows, dtype=torch.long, device=device))
+        logits = self.model.logits(h, torch.tensor(work.sample_rows, dtype=torch.long, device=device))
+        scores = self.model.token_logprobs(h, torch.tensor(work.score_rows, dtype=torch.long, device=device),
+                                           torch.tensor(work.score_targets, dtype=torch.long, device=device))
         self.last_step = StepStats(len(work.batch), len(work.tokens), sum(1 for _, n in work.batch if n == 1))
         self.tokens_computed += len(work.tokens)
-        return logits, routes
+        return logits, scores, routes
 
-    def _postprocess(self, work: StepInputs, logits: torch.Tensor, routes: dict[int, Route]) -> list[TokenEvent]:
-        """Prompt logprobs, KV tier saves, block release, sampling, stop checks, route traces."""
+    def _postprocess(self, work: StepInputs, logits: torch.Tensor, scores: torch.Tensor,
+                     routes: dict[int, Route]) -> list[TokenEvent]:
+        """Prompt logprobs, KV tier saves, block release, sampling, stop checks, route traces.
+        A sequence whose logits are not finite, or whose sampling fails, fails alone."""
         log_z = torch.logsumexp(logits, dim=-1)  # [M]: log p(t) = logit[t] - log_z, no [M, V] copy
         greedy = torch.argmax(logits, dim=-1).tolist()
-        row_of = {r: i for i, r in enumerate(work.logit_rows)}
-        events, row = [], 0
+        finite = torch.isfinite(log_z).tolist()
+        scores = scores.tolist()
+        sample_of = {r: i for i, r in enumerate(work.sample_rows)}
+        events, row, k = [], 0, 0
         for seq, n in work.batch:
-            first_row, row = row, row + n
+            row += n
             if seq.request.prompt_logprobs and seq.num_computed < seq.num_prompt:
-                self._score_prompt(seq, n, [row_of[r] for r in range(first_row, row)], logits, log_z)
+                if seq.num_computed == 0:
+                    seq.prompt_logprobs.append(None)
+                m = sum(1 for j in range(n) if seq.num_computed + j + 1 < seq.num_prompt)
+                seq.prompt_logprobs.extend(scores[k : k + m])
+                k += m
             seq.num_computed += n
             if self.kv_tier is not None:
                 self._save_to_tier(seq)  # before chunked blocks are released
@@ -266,27 +242,26 @@ class Engine:
             if seq.num_computed < len(seq.tokens):
                 continue  # prefill chunk, more to come
             if seq.request.params.max_tokens == 0:
-                seq.finish_reason = "length"
+                if all(map(math.isfinite, seq.prompt_logprobs[1:])):
+                    seq.finish_reason = "length"
+                else:
+                    seq.fail("the model produced non-finite log-probabilities for this prompt")
                 events.append(TokenEvent(seq, None, None))
                 continue
-            i = row_of[row - 1]
-            token = greedy[i] if seq.generator is None else sample(logits[i], seq.request.params, seq.generator)
+            i = sample_of[row - 1]
+            try:
+                if not finite[i]:
+                    raise ValueError("the model produced non-finite logits for this sequence")
+                token = greedy[i] if seq.generator is None else sample(logits[i], seq.request.params, seq.generator)
+            except Exception as exc:  # whatever fails in one sequence's sampling fails it alone
+                seq.fail(f"sampling failed: {exc}")
+                events.append(TokenEvent(seq, None, None))
+                continue
             logprob = float(logits[i, token] - log_z[i])
             self._append(seq, token, logprob)
             trace = _trace(routes, row - 1) if seq.request.trace_routes else None
             events.append(TokenEvent(seq, token, logprob, trace))
         return events
-
-    @staticmethod
-    def _score_prompt(seq: Sequence, n: int, rows: list[int], logits: torch.Tensor, log_z: torch.Tensor) -> None:
-        """log p(prompt token | the ones before it) for the n prompt positions this step computed."""
-        start = seq.num_computed
-        if start == 0:
-            seq.prompt_logprobs.append(None)
-        for j in range(n):
-            pos = start + j + 1  # the token this row predicts
-            if pos < seq.num_prompt:
-                seq.prompt_logprobs.append(float(logits[rows[j], seq.tokens[pos]] - log_z[rows[j]]))
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.tokens.append(token)
@@ -343,14 +318,6 @@ class Engine:
                    for i, kind in todo]
         if tier.put(entries):
             cache.mark_saved(seq.id, end)
-
-    def _reap(self) -> None:
-        for seq in [s for s in self.running if s.finished]:
-            self.running.remove(seq)
-            self.cache.free(seq.id)
-        for seq in [s for s in self.waiting if s.finished]:
-            self.cache.free(seq.id)  # a waiting sequence may hold block hashes
-        self.waiting = deque(s for s in self.waiting if not s.finished)
 
     def run(self, requests: list[Request]) -> list[Sequence]:
         """Run requests to completion together (continuous batching); returns them in order."""

@@ -71,7 +71,7 @@ class KVCache:
         # A reader's first lookup: every block has an entry of this kind.
         self.anchor_kind = FULL if FULL in self.kinds else CHUNKED
         self.hash_seed = hash_seed
-        num_blocks = max_tokens // block_size
+        num_blocks = self.num_blocks = max_tokens // block_size
         self.capacity = {kind: num_blocks for kind in self.kinds}
         shape = (num_blocks, block_size, cfg.num_key_value_heads, cfg.head_dim)
         # torch.empty reserves address space; pages become resident only when written.
@@ -83,8 +83,12 @@ class KVCache:
         self._saved: dict[object, int] = {}  # seq -> leading blocks already in the second tier
 
     # ---- allocation ----
+    def num_free_blocks(self) -> int:
+        """Free blocks of the scarcest layer kind."""
+        return min(len(free) for free in self.free_blocks.values())
+
     def num_free_tokens(self) -> int:
-        return min(len(free) for free in self.free_blocks.values()) * self.block_size
+        return self.num_free_blocks() * self.block_size
 
     def blocks_needed(self, seq_id, end_pos: int) -> int:
         """Blocks to add (worst kind) so that positions < end_pos are backed."""

@@ -17,6 +17,8 @@ from llama4.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, StepPlan
 from llama4.moe import LocalMoE, MoEBackend, Route
 from llama4.weights import DenseWeights, LayerWeights, load_experts, load_gates
 
+LOGPROB_CHUNK = 256  # rows of [rows, V] fp32 logits alive at once when scoring prompts
+
 
 class Llama4Model:
     def __init__(self, cfg: ModelConfig, weights: DenseWeights, moe: MoEBackend, dtype: torch.dtype, device: str):
@@ -53,8 +55,10 @@ class Llama4Model:
             x = rms_norm(h, lw.post_norm, self.cfg.rms_norm_eps)
             if self.cfg.is_moe_layer(layer):
                 pending = self.moe.submit(layer, x)  # in flight while the shared expert runs
-                shared = swiglu(x, *lw.ffn)
-                routed = pending.result()
+                try:
+                    shared = swiglu(x, *lw.ffn)
+                finally:
+                    routed = pending.result()  # always collected: a backend may hold a stream until then
                 h, routes[layer] = h + (shared + routed.y), routed.route
             else:
                 h = h + swiglu(x, *lw.ffn)
@@ -65,6 +69,18 @@ class Llama4Model:
         """fp32 logits [M, V] of the hidden states h [N, H] at rows [M]."""
         out = rms_norm(h[rows], self.w.norm, self.cfg.rms_norm_eps)
         return F.linear(out, self.w.lm_head).float()
+
+    @torch.inference_mode()
+    def token_logprobs(self, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
+                       chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+        """log p(targets[r] | row r) [R] for hidden states h [N, H] at rows [R], chunk rows at a
+        time: memory grows with the chunk ([chunk, V] fp32), not with R x V."""
+        out = torch.empty(rows.shape[0], dtype=torch.float32, device=h.device)
+        for i in range(0, rows.shape[0], chunk):
+            logits = self.logits(h, rows[i : i + chunk])  # [chunk, V]
+            picked = logits.gather(1, targets[i : i + chunk, None])[:, 0]
+            out[i : i + chunk] = picked - torch.logsumexp(logits, dim=-1)
+        return out
 
     def _attention(self, layer: int, lw: LayerWeights, x: torch.Tensor, plan: StepPlan, cache: KVCache) -> torch.Tensor:
         cfg, n = self.cfg, x.shape[0]

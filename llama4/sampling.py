@@ -1,16 +1,20 @@
 """Sampling parameters and token selection: greedy, temperature, top-k, top-p, seeded.
 
-Log-probabilities reported to users are those of the model's own distribution
-(log_softmax of the raw logits), whatever the sampling temperature.
+Every accepted parameter set samples safely: temperatures below GREEDY_BELOW are greedy
+(as vLLM treats them), and logits are shifted by their maximum before the division, so no
+temperature can overflow them. Log-probabilities reported to users are those of the model's
+own distribution (log_softmax of the raw logits), whatever the sampling temperature.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from llama4.errors import need
+
+GREEDY_BELOW = 1e-5  # temperatures in [0, GREEDY_BELOW) mean greedy decoding
 
 
 @dataclass(frozen=True)
@@ -23,16 +27,21 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
 
-    def validate(self, vocab_size: int) -> None:
-        need(isinstance(self.max_tokens, int) and self.max_tokens >= 0, "max_tokens", self.max_tokens,
-             "an integer >= 0")
+    def validate(self, vocab_size: int, max_tokens_limit: int | None = None) -> None:
+        limit = max_tokens_limit if max_tokens_limit is not None else 2**31 - 1
+        need(isinstance(self.max_tokens, int) and 0 <= self.max_tokens <= limit, "max_tokens", self.max_tokens,
+             f"an integer from 0 to {limit}")
         need(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
-             "a finite number >= 0 (0 = greedy)")
+             f"a finite number >= 0 (below {GREEDY_BELOW:g} = greedy)")
         need(math.isfinite(self.top_p) and 0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
-        need(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        need(0 <= self.top_k <= vocab_size, "top_k", self.top_k, f"an integer from 0 (off) to {vocab_size}")
         need(self.seed is None or 0 <= self.seed < 2**63, "seed", self.seed, "an integer in [0, 2^63)")
         for t in self.stop_token_ids:
             need(0 <= t < vocab_size, "stop_token_ids", t, f"token ids in [0, {vocab_size})")
+
+    def normalized(self) -> SamplingParams:
+        """The same parameters with a temperature below GREEDY_BELOW made exactly greedy."""
+        return replace(self, temperature=0.0) if self.temperature < GREEDY_BELOW else self
 
     def make_generator(self) -> torch.Generator | None:
         if self.temperature == 0:
@@ -49,7 +58,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     """One token from fp32 logits [V]."""
     if params.temperature == 0:
         return int(torch.argmax(logits))
-    scaled = logits.float().cpu() / params.temperature
+    scaled = logits.float().cpu()
+    scaled = (scaled - scaled.max()) / params.temperature  # <= 0 everywhere, 0 at the top: no overflow
     if params.top_k and params.top_k < scaled.shape[-1]:
         kth = torch.topk(scaled, params.top_k).values[-1]
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))

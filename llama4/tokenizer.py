@@ -4,12 +4,18 @@ Two encodings: a Hugging Face `tokenizer.json` (tokenizers) and Meta's `tokenize
 (tiktoken BPE, 200,000 ranks + 2,048 special slots). The chat template comes from the
 checkpoint (tokenizer_config.json or chat_template.jinja); Llama 4's header/eot format is
 used only when the checkpoint has none.
+
+Chat content is data: the template's own text is encoded with its special tokens, but a
+message's content (and so a user typing "<|eot|>") is encoded as ordinary text, never as
+control tokens; roles must be ones the template knows. Raw text prompts keep special tokens.
 """
 from __future__ import annotations
 
 import base64
 import importlib.util
 import json
+import re
+import secrets
 from pathlib import Path
 
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -69,6 +75,7 @@ class Tokenizer:
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = _raise_template_error
         self._template = env.from_string(chat_template)
+        self._trims: bool | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -84,16 +91,50 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
-    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+    def _check_messages(self, messages: list[dict]) -> None:
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
                 raise HerdInputError(f"messages[{i}] must have string 'role' and 'content'")
+            if m["role"] not in self.roles:
+                raise HerdInputError(f"messages[{i}].role={m['role']!r} is invalid; allowed: {sorted(self.roles)}")
+
+    def _render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                      bos_token=self.bos_token or "", eos_token="")
 
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        self._check_messages(messages)
+        return self._render(messages, add_generation_prompt)
+
     def apply_chat(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
-        # The rendered template already carries BOS and the special tokens.
-        return self.encode(self.render_chat(messages, add_generation_prompt))
+        """The conversation's ids: the template's text (with BOS and its special tokens) encoded
+        as such, each message's content encoded as ordinary text."""
+        self._check_messages(messages)
+        nonce = secrets.token_hex(8)  # unguessable: no content can forge a mark
+        mark = re.compile("\ue000" + nonce + r":(\d+)\ue001")
+        marked = [{**m, "content": f"\ue000{nonce}:{i}\ue001"} for i, m in enumerate(messages)]
+        rendered = self._render(marked, add_generation_prompt)
+        ids, pos = [], 0
+        for found in mark.finditer(rendered):
+            ids += self._backend.encode(rendered[pos : found.start()])
+            content = messages[int(found.group(1))]["content"]
+            ids += self._backend.encode_ordinary(content.strip() if self._trims_content else content)
+            pos = found.end()
+        return ids + self._backend.encode(rendered[pos:])
+
+    @property
+    def roles(self) -> frozenset[str]:
+        """system, user and assistant, and tool or ipython where the template names them."""
+        extra = {r for r in ("tool", "ipython") if r in self.chat_template}
+        return frozenset({"system", "user", "assistant", *extra})
+
+    @property
+    def _trims_content(self) -> bool:
+        """Whether the template strips each message's content (Llama 4's `| trim`)."""
+        if self._trims is None:
+            probe = self._render([{"role": "user", "content": " \ue000 "}], False)
+            self._trims = " \ue000 " not in probe
+        return self._trims
 
     @classmethod
     def for_checkpoint(cls, path: str | Path | None, eos_ids: tuple[int, ...] = ()) -> Tokenizer:
@@ -140,10 +181,15 @@ class _HFBackend:
         from tokenizers import Tokenizer as HFTokenizer
 
         self._tok = HFTokenizer.from_file(str(path))
+        self._plain = HFTokenizer.from_file(str(path))  # a second instance: the flag below is per tokenizer
+        self._plain.encode_special_tokens = True  # special-token text encodes as ordinary text
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._plain.encode(text, add_special_tokens=False).ids
 
     def detokenize(self, ids: list[int], skip_special: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special)
@@ -174,6 +220,9 @@ class _TiktokenBackend:
     def encode(self, text: str) -> list[int]:
         return self._enc.encode(text, allowed_special="all")
 
+    def encode_ordinary(self, text: str) -> list[int]:
+        return self._enc.encode_ordinary(text)
+
     def detokenize(self, ids: list[int], skip_special: bool) -> str:
         if skip_special:
             ids = [i for i in ids if i not in self.special_ids]
@@ -189,15 +238,21 @@ class _TiktokenBackend:
 
 
 class Detokenizer:
-    """Streaming detokenization: token ids in, text deltas out, holding back incomplete UTF-8."""
+    """Streaming detokenization: token ids in, text deltas out, holding back incomplete UTF-8.
+
+    Only a short window is re-detokenized per token: the ids since the last emitted text,
+    with the ones before them as context (tokenizers that drop a leading space on a lone
+    token need it). The cost per token does not grow with the output."""
 
     def __init__(self, tokenizer: Tokenizer):
-        self._tok, self._ids, self._emitted = tokenizer, [], ""
+        self._tok, self._ids = tokenizer, []
+        self._prefix = self._read = 0  # window [prefix, read) is context; [read, end) is new
 
     def push(self, token: int) -> str:
         self._ids.append(token)
-        text = self._tok.detokenize(self._ids)
-        if text.endswith("\ufffd"):
-            return ""
-        delta, self._emitted = text[len(self._emitted):], text
-        return delta
+        context = self._tok.detokenize(self._ids[self._prefix : self._read])
+        text = self._tok.detokenize(self._ids[self._prefix :])
+        if text.endswith("\ufffd") or len(text) <= len(context):
+            return ""  # an incomplete character (or nothing visible yet): wait for more ids
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(context) :]

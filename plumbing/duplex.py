@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 
 import grpc
 
@@ -41,27 +42,41 @@ class Duplex:
             out.put(exc)
 
     def send(self, request) -> None:
+        self.send_all([request])
+
+    def receive(self, timeout: float):
+        """The response to the last send(); raises grpc.RpcError on failure or timeout."""
+        return self.receive_all(1, timeout)[0]
+
+    def send_all(self, requests: list) -> None:
+        """Start one exchange of several messages; receive_all() must follow (it frees the stream)."""
         self._lock.acquire()
         try:
             if self._call is None:
                 self._open()
-            self._requests.put(request)
+            for request in requests:
+                self._requests.put(request)
         except BaseException:
             self._lock.release()
             raise
 
-    def receive(self, timeout: float):
-        """The response to the last send(); raises grpc.RpcError on failure or timeout."""
+    def receive_all(self, count: int, timeout: float) -> list:
+        """The `count` responses of the exchange, in order; on any failure the stream is broken
+        (so no late answer can pair with a later exchange) and grpc.RpcError raised."""
+        deadline = time.monotonic() + timeout
         try:
-            item = self._responses.get(timeout=timeout)
-        except queue.Empty:
-            self._break()
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s") from None
-        else:
-            if isinstance(item, Exception):
-                self._break()
-                raise item
-            return item
+            out = []
+            for _ in range(count):
+                try:
+                    item = self._responses.get(timeout=max(deadline - time.monotonic(), 0.0))
+                except queue.Empty:
+                    self._break()
+                    raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s") from None
+                if isinstance(item, Exception):
+                    self._break()
+                    raise item
+                out.append(item)
+            return out
         finally:
             self._lock.release()
 

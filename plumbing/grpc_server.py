@@ -8,12 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-CHANNEL_OPTIONS = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.keepalive_time_ms", 30000),
-]
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024  # gRPC's cap on one message, each way (deploy: max_message_bytes)
+KEEPALIVE_MS = 30000
 
 
 def start_server(add_servicers, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
@@ -38,8 +34,11 @@ def start_server(add_servicers, service_names: list[str], host: str = "127.0.0.1
     return server, bound, health_servicer
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def channel(address: str, max_message_bytes: int = MAX_MESSAGE_BYTES) -> grpc.Channel:
+    options = [("grpc.max_send_message_length", max_message_bytes),
+               ("grpc.max_receive_message_length", max_message_bytes),
+               ("grpc.keepalive_time_ms", KEEPALIVE_MS)]
+    return grpc.insecure_channel(address, options=options)
 
 
 def wait_serving(address: str, timeout: float) -> None:

@@ -13,6 +13,14 @@ import torch
 from llama4.dtypes import DTYPE_NAMES, dtype_name, torch_dtype
 
 MAX_ROWS = 1 << 16  # rows in one tensor message (tokens of one MoE exchange)
+ROW_OVERHEAD_BYTES = 16  # protobuf bytes per row beside the tensor: its expert id and worker (varints)
+MESSAGE_OVERHEAD_BYTES = 1024  # headers, dtype, shape and field tags of one message
+
+
+def rows_per_message(cols: int, dtype: torch.dtype, max_message_bytes: int) -> int:
+    """How many [cols] rows of dtype one message below max_message_bytes can carry (at least 1)."""
+    per_row = cols * dtype.itemsize + ROW_OVERHEAD_BYTES
+    return max(1, min(MAX_ROWS, (max_message_bytes - MESSAGE_OVERHEAD_BYTES) // per_row))
 
 
 class WireError(ValueError):

@@ -28,9 +28,9 @@ PROBE_EVERY_S, PROBE_TIMEOUT_S = 1.0, 1.0
 class Worker:
     """One expert worker as the router sees it: its address, experts, stream and health."""
 
-    def __init__(self, index: int, address: str, experts: list[int]):
+    def __init__(self, index: int, address: str, experts: list[int], max_message_bytes: int):
         self.index, self.address, self.experts = index, address, experts
-        self.channel = channel(address)
+        self.channel = channel(address, max_message_bytes)
         self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
         self.stream = Duplex(self.stub.RunExpertsStream)
         self.rpcs = self.rows = 0
@@ -58,8 +58,8 @@ class Worker:
 
 
 class Placement:
-    def __init__(self, registry: WorkerRegistry, num_experts: int):
-        self.registry, self.num_experts = registry, num_experts
+    def __init__(self, registry: WorkerRegistry, num_experts: int, max_message_bytes: int):
+        self.registry, self.num_experts, self.max_message_bytes = registry, num_experts, max_message_bytes
         self.workers: dict[int, Worker] = {}
         self.replicas: dict[int, list[int]] = {}  # expert -> workers holding it
         self._lock = threading.Lock()
@@ -79,7 +79,7 @@ class Placement:
                     if current is not None:
                         current.close()
                         log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
-                    self.workers[index] = Worker(index, info["address"], info["experts"])
+                    self.workers[index] = Worker(index, info["address"], info["experts"], self.max_message_bytes)
                 for e in info["experts"]:
                     replicas.setdefault(e, []).append(index)
             self.replicas = replicas

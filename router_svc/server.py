@@ -19,7 +19,7 @@ from herdpb import expert_pb2, router_pb2, router_pb2_grpc
 from kernels import route_top1
 from llama4.checkpoint import Checkpoint
 from llama4.weights import load_gates
-from plumbing.grpc_server import RpcFailure, start_server
+from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure, start_server
 from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
 from router_svc.placement import Placement
@@ -29,10 +29,11 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
-    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, registry: WorkerRegistry, worker_timeout: float = 30.0):
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, registry: WorkerRegistry, worker_timeout: float = 30.0,
+                 max_message_bytes: int = MAX_MESSAGE_BYTES):
         self.cfg, self.dtype = ckpt.config, dtype
         self.gates = load_gates(ckpt, dtype, "cpu")  # layer -> [E, H]
-        self.placement = Placement(registry, self.cfg.num_local_experts)
+        self.placement = Placement(registry, self.cfg.num_local_experts, max_message_bytes)
         self.worker_timeout = worker_timeout
         self.tokens_per_expert = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.gates}
         self.routes = self.retries = self.worker_rpcs = 0
@@ -99,12 +100,16 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     failed.append(rows)
                     continue
                 worker.healthy = True
-                served_by[rows] = worker.index
                 worker.rpcs += 1
                 worker.rows += len(rows)
                 self.worker_rpcs += 1
-                y[rows] = read_tensor(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows),
-                                      what="y", exact=True)
+                try:
+                    y[rows] = read_tensor(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows),
+                                          what="y", exact=True)
+                except WireError as exc:  # the exchange fails; the stream and the worker stay good
+                    fatal = fatal or RpcFailure(grpc.StatusCode.INTERNAL, f"expert worker {worker.index}: {exc}")
+                    continue
+                served_by[rows] = worker.index
             if fatal is not None:
                 raise fatal
             if failed:
@@ -126,10 +131,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 
 def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, host: str = "127.0.0.1", port: int = 0,
-          wait_for_workers: float = 120.0):
-    servicer = RouterServicer(Checkpoint(model_path), dtype, WorkerRegistry(redis_url, cluster))
+          wait_for_workers: float = 120.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
+    servicer = RouterServicer(Checkpoint(model_path), dtype, WorkerRegistry(redis_url, cluster),
+                              max_message_bytes=max_message_bytes)
     servicer.placement.wait_for_experts(wait_for_workers)
     server, bound, health_servicer = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-                                                  ["herd.v1.Router"], host=host, port=port)
+                                                  ["herd.v1.Router"], host=host, port=port,
+                                                  max_message_bytes=max_message_bytes)
     servicer.placement.watch(health_servicer, ["herd.v1.Router"])
     return server, bound, servicer

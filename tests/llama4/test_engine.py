@@ -90,11 +90,15 @@ def test_requests_beyond_the_cache_wait_and_all_finish(model):
     ps = prompts(4, [60, 70, 50, 65], seed=4)
     params = SamplingParams(max_tokens=40, ignore_eos=True)
     alone = [Engine(model).run([Request(p, params)])[0].output_ids for p in ps]
-    engine = Engine(model, max_cache_tokens=256, block_size=16)  # room for two at a time
+    engine = Engine(model, max_cache_tokens=256, block_size=16)  # room for two whole sequences
     seqs = [engine.add(Request(p, params)) for p in ps]
     most = 0
     while engine.has_work:
         engine.step()
         most = max(most, len(engine.running))
+        assert engine.cache.num_free_blocks() >= 0
+    # Blocks are taken as sequences grow: more than two start, the newest give way when the cache
+    # runs out and recompute later, and every output still equals its solo run.
     assert [s.output_ids for s in seqs] == alone
-    assert most == 2
+    assert most >= 3 and engine.scheduler.num_preemptions > 0
+    assert engine.cache.num_free_tokens() == 256
