@@ -72,9 +72,10 @@ class Llama4Model:
 
     @torch.inference_mode()
     def token_logprobs(self, h: torch.Tensor, rows: torch.Tensor, targets: torch.Tensor,
-                       chunk: int = LOGPROB_CHUNK) -> torch.Tensor:
+                       chunk: int | None = None) -> torch.Tensor:
         """log p(targets[r] | row r) [R] for hidden states h [N, H] at rows [R], chunk rows at a
-        time: memory grows with the chunk ([chunk, V] fp32), not with R x V."""
+        time (LOGPROB_CHUNK by default): memory grows with the chunk ([chunk, V] fp32), not with R x V."""
+        chunk = chunk or LOGPROB_CHUNK
         out = torch.empty(rows.shape[0], dtype=torch.float32, device=h.device)
         for i in range(0, rows.shape[0], chunk):
             logits = self.logits(h, rows[i : i + chunk])  # [chunk, V]
