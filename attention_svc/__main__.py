@@ -3,9 +3,11 @@ import argparse
 import json
 import logging
 import os
+from pathlib import Path
 
 from attention_svc.server import build, serve
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from plumbing.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, read_secrets
 from plumbing.grpc_server import MAX_MESSAGE_BYTES
 from plumbing.lifecycle import serve_until_signalled
 
@@ -23,6 +25,10 @@ def main() -> None:
     ap.add_argument("--kv-ttl", type=int, default=3600, help="seconds a KV block stays in Redis")
     ap.add_argument("--no-kv-tier", action="store_true", help="do not use Redis for KV (HERD_REDIS_URL)")
     ap.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message cap, each way")
+    ap.add_argument("--drain", type=float, default=30.0, help="on SIGTERM, seconds in-flight requests may take")
+    ap.add_argument("--max-streams", type=int, default=256, help="concurrent Generate/Score calls")
+    ap.add_argument("--tls-cert", help="PEM certificate chain for the public listener (with --tls-key)")
+    ap.add_argument("--tls-key", help="PEM private key for the public listener")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s attention %(levelname)s %(message)s")
@@ -30,12 +36,17 @@ def main() -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    redis_url = None if args.no_kv_tier else os.environ.get("HERD_REDIS_URL")  # environment: it carries a password
+    # URLs carry passwords and secrets are secrets: both come from the environment, never argv.
+    redis_url = None if args.no_kv_tier else os.environ.get("HERD_REDIS_URL")
+    state_url = None if args.no_kv_tier else os.environ.get("HERD_STATE_REDIS_URL")
+    token = os.environ.get(CLUSTER_TOKEN_ENV) or None
     servicer, _ = build(args.model, args.router, torch_dtype(args.dtype), args.device, json.loads(args.batching),
-                        args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes)
-    server, port = serve(servicer, args.host, args.port, args.max_message_bytes)
+                        args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes, state_url, token)
+    tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
+    server, port = serve(servicer, args.host, args.port, args.max_message_bytes, args.max_streams,
+                         read_secrets(API_KEYS_ENV), token, tls)
     print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
-    serve_until_signalled(server)
+    serve_until_signalled(server, grace_s=args.drain, on_stop=servicer.readiness.drain)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import collections
 import logging
 import queue
 import threading
+import time
 
 from llama4.engine import Engine, QueueFull, Request, Sequence
 from llama4.errors import HerdInputError
@@ -35,7 +36,13 @@ class EngineLoop:
         self.live: dict[int, Live] = {}  # sequence id -> its request
         self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
         self.steps = 0
-        threading.Thread(target=self._run, name="engine", daemon=True).start()
+        self.last_beat = time.monotonic()  # the loop's last turn: readiness sees a stuck or dead loop
+        self.thread = threading.Thread(target=self._run, name="engine", daemon=True)
+        self.thread.start()
+
+    def alive(self, stall_s: float) -> bool:
+        """The loop thread runs and has turned within stall_s seconds (a step is one turn)."""
+        return self.thread.is_alive() and time.monotonic() - self.last_beat < stall_s
 
     def submit(self, request: Request) -> Live:
         live = Live()
@@ -68,6 +75,7 @@ class EngineLoop:
 
     def _run(self) -> None:
         while True:
+            self.last_beat = time.monotonic()
             self._drain(block=not self.engine.has_work)
             if not self.engine.has_work:
                 continue

@@ -1,17 +1,20 @@
 """The Redis tier behind the in-memory KV cache: a prefix cache shared by every request,
-attention replica and restart, and the home of conversation sessions.
+attention replica and restart. (Conversation sessions live in attention_svc.sessions.)
 
 The KV cache (llama4.kv_cache) names the blocks (chained hashes from the model fingerprint,
 so equal prefixes share keys and different models never do) and says which entries a reader
 needs; this module only gets and puts entries, `herd:kv:<hash>:<kind>`, in the format of
 attention_svc.kv_entry.
 
+Entries are written once (SET NX): a key names its content, so an existing entry is never
+overwritten, and a writer racing another (or holding different bytes for the same key) leaves
+the first one in place; bytes_written counts only what was stored.
+
 Redis is a cache, not a condition of correctness: every failure answers "absent", and the
 tier is not called again for RETRY_AFTER_S.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 
@@ -24,10 +27,6 @@ from llama4.engine import EntryKey, TierStats
 
 log = logging.getLogger("herd.kv_tier")
 RETRY_AFTER_S = 2.0
-
-
-class SessionUnavailable(RuntimeError):
-    """A session's history lives in Redis; without Redis the turn cannot continue it."""
 
 
 class RedisKVTier:
@@ -97,33 +96,14 @@ class RedisKVTier:
     def put(self, entries: list[tuple[EntryKey, torch.Tensor]]) -> bool:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
+                sizes = []
                 for k, data in entries:
                     raw = self.codec.encode_entry(k.kind, k.end_pos, data)
-                    pipe.set(self.key(k.block_hash, k.kind), raw, ex=self.ttl)
-                    self.stats.bytes_written += len(raw)
-                pipe.execute()
+                    pipe.set(self.key(k.block_hash, k.kind), raw, ex=self.ttl, nx=True)
+                    sizes.append(len(raw))
+                written = pipe.execute()  # True where stored, None where the key already held an entry
         except redis.RedisError as exc:
             self._failed(exc)
             return False
+        self.stats.bytes_written += sum(n for n, ok in zip(sizes, written, strict=True) if ok)
         return True
-
-    # ---- sessions ----
-    def save_session(self, session_id: str, tokens: list[int], messages: list[dict] | None) -> None:
-        """A conversation after a turn: its tokens and, for chat sessions, its messages."""
-        record = json.dumps({"fingerprint": self.hash_seed.hex(), "tokens": tokens, "messages": messages})
-        try:
-            self.redis.set(f"herd:session:{session_id}", record, ex=self.ttl)
-        except redis.RedisError as exc:
-            self._failed(exc)
-
-    def session(self, session_id: str) -> dict:
-        """{"tokens": [...], "messages": [...] or None} of earlier turns; empty for a new session."""
-        try:
-            raw = self.redis.get(f"herd:session:{session_id}")
-        except redis.RedisError as exc:
-            self._failed(exc)
-            raise SessionUnavailable(f"session store unavailable: {exc}") from None
-        record = json.loads(raw) if raw is not None else {}
-        if record.get("fingerprint") != self.hash_seed.hex():
-            return {"tokens": [], "messages": None}
-        return {"tokens": record["tokens"], "messages": record.get("messages")}

@@ -35,9 +35,10 @@ class _PendingRoute:
 
 
 class RemoteMoE:
-    def __init__(self, router_address: str, timeout: float = 60.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
-        self._channel = channel(router_address, max_message_bytes)
-        self._stub = router_pb2_grpc.RouterStub(self._channel)
+    def __init__(self, router_address: str, timeout: float = 60.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
+                 token: str | None = None):
+        self.channel = channel(router_address, max_message_bytes, secret=token)
+        self._stub = router_pb2_grpc.RouterStub(self.channel)
         self._stream = Duplex(self._stub.RouteStream)
         self.timeout, self.max_message_bytes = timeout, max_message_bytes
         self.route_rpcs = 0  # Route exchanges (one per MoE layer per step, whatever its messages)

@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
 import uuid
 
 import grpc
+import redis
 import torch
 
 from attention_svc.engine_loop import ABORTED, EngineLoop
-from attention_svc.kv_tier import RedisKVTier, SessionUnavailable
+from attention_svc.health import Readiness
+from attention_svc.kv_tier import RedisKVTier
 from attention_svc.remote_moe import RemoteMoE
+from attention_svc.sessions import Session, SessionError, SessionStore
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, QueueFull, Request
@@ -25,17 +29,23 @@ from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer, Tokenizer
 from llama4.weights import DenseWeights
+from plumbing.auth import bearer, matches
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 
 log = logging.getLogger("herd.attention")
 DEFAULT_MAX_TOKENS = 256
+HEALTH_THREADS = 16  # server threads beyond the stream limit: health, Status, Tokenize
 
 
 class LlamaServicer(llama_pb2_grpc.LlamaServicer):
     def __init__(self, model_name: str, loop: EngineLoop, tokenizer: Tokenizer, moe: RemoteMoE | None,
-                 kv_tier: RedisKVTier | None = None):
+                 kv_tier: RedisKVTier | None = None, sessions: SessionStore | None = None):
         self.model_name, self.loop, self.tok, self.moe, self.kv_tier = model_name, loop, tokenizer, moe, kv_tier
+        self.sessions = sessions
         self.cfg = loop.engine.cfg
+        self.operator_secrets: list[str] = []  # callers sending one of these see internal addresses in Status
+        self.streams = threading.BoundedSemaphore(256)  # Generate/Score calls at once (serve() sets the bound)
+        self.readiness: Readiness | None = None
 
     # ---- input at the edge ----
     def _ids(self, which: str, msg, add_bos: bool = True) -> list[int]:
@@ -57,7 +67,16 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                               stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
 
     def _run(self, request: Request, context):
-        """Submit to the engine and yield TokenEvents until the sequence finishes."""
+        """Submit to the engine and yield TokenEvents until the sequence finishes. At most
+        max_streams run at once, so threads stay free for health checks and Status."""
+        if not self.streams.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many concurrent Generate/Score calls; retry later")
+        try:
+            yield from self._events(request, context)
+        finally:
+            self.streams.release()
+
+    def _events(self, request: Request, context):
         live = self.loop.submit(request)
         context.add_callback(lambda: self.loop.abort(live))  # cancel, disconnect, deadline
         while True:
@@ -83,36 +102,39 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 return
 
     # ---- the API ----
-    def _session_prompt(self, request) -> tuple[list[int], list[dict] | None]:
-        """Prompt ids of this turn and, for chat sessions, the conversation's messages.
+    def _session_prompt(self, request) -> tuple[list[int], list[dict] | None, Session]:
+        """Prompt ids of this turn, for chat sessions the conversation's messages, and the
+        session as read (its version is what the turn's commit compares against).
 
         A chat session re-renders the whole conversation with the template, so its KV comes
         from Redis up to the first token that differs. A text or ids session appends the
         turn's tokens to the session's tokens."""
         which = request.WhichOneof("prompt")
-        past = self.kv_tier.session(request.session_id)
+        past = self.sessions.read(request.session_id, new=request.new_session)
         if which == "chat":
-            if past["tokens"] and past["messages"] is None:
+            if past.tokens and past.messages is None:
                 raise HerdInputError(f"session {request.session_id!r} holds a token history; "
                                      "continue it with text or ids")
-            messages = (past["messages"] or []) + _messages(request.chat)
-            return self.tok.apply_chat(messages), messages
-        return past["tokens"] + self._ids(which, request, add_bos=not past["tokens"]), None
+            messages = (past.messages or []) + _messages(request.chat)
+            return self.tok.apply_chat(messages), messages, past
+        return past.tokens + self._ids(which, request, add_bos=not past.tokens), None, past
 
     def Generate(self, request, context):
-        messages = None
+        messages, session = None, None
         try:
             if request.session_id:
-                if self.kv_tier is None:
+                if self.sessions is None:
                     raise HerdInputError("session_id needs the Redis KV tier, which this server runs without")
-                ids, messages = self._session_prompt(request)
+                ids, messages, session = self._session_prompt(request)
+            elif request.new_session:
+                raise HerdInputError("new_session is set without a session_id; allowed: new_session with a session_id")
             else:
                 ids = self._ids(request.WhichOneof("prompt"), request)
             params = self._params(request.sampling)
         except HerdInputError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except SessionUnavailable as exc:
-            context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+        except SessionError as exc:
+            context.abort(grpc.StatusCode[exc.status], str(exc))
         req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex, trace_routes=request.trace_routes)
         detok = Detokenizer(self.tok)
         for ev in self._run(req, context):
@@ -127,9 +149,12 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 out.finish_reason = ev.seq.finish_reason
                 out.usage.prompt_tokens = ev.seq.num_prompt
                 out.usage.completion_tokens = len(ev.seq.output_ids)
-                if request.session_id:
+                if session is not None:  # commit before the final message: a lost turn must not look done
                     answer = [{"role": "assistant", "content": self.tok.detokenize(ev.seq.output_ids)}]
-                    self.kv_tier.save_session(request.session_id, ev.seq.tokens, messages and messages + answer)
+                    try:
+                        self.sessions.commit(session, ev.seq.tokens, messages and messages + answer)
+                    except SessionError as exc:
+                        context.abort(grpc.StatusCode[exc.status], str(exc))
             yield out
 
     def Score(self, request, context):
@@ -165,6 +190,10 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 out.router.CopyFrom(self.moe.router_status())
             except grpc.RpcError as exc:
                 log.warning("router status unavailable: %s", exc.code())
+        if self.operator_secrets and not matches(bearer(context.invocation_metadata()), self.operator_secrets):
+            out.model = "(operators only)"  # internal paths and addresses are for the operator
+            for w in out.router.workers:
+                w.address, w.refused = "", "refused" if w.refused else ""
         return out
 
 
@@ -176,24 +205,48 @@ def _messages(chat: llama_pb2.ChatMessages) -> list[dict]:
 
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
           route_timeout: float = 60.0, redis_url: str | None = None, kv_ttl_s: int = 3600,
-          max_message_bytes: int = MAX_MESSAGE_BYTES) -> tuple[LlamaServicer, RemoteMoE | None]:
+          max_message_bytes: int = MAX_MESSAGE_BYTES, state_redis_url: str | None = None,
+          cluster_token: str | None = None) -> tuple[LlamaServicer, RemoteMoE | None]:
+    """redis_url: the KV tier's cache; state_redis_url: sessions (default: redis_url).
+    cluster_token: sent to the router. The router must serve the same model (fingerprint)."""
     ckpt = Checkpoint(model_path)
-    moe = RemoteMoE(router_address, route_timeout, max_message_bytes) if router_address else None
+    moe = RemoteMoE(router_address, route_timeout, max_message_bytes, cluster_token) if router_address else None
+    if moe is not None:
+        theirs, ours = moe.router_status().fingerprint, ckpt.fingerprint()
+        if theirs != ours:
+            raise HerdInputError(f"router at {router_address} serves model {theirs or 'unknown'}; "
+                                 f"this attention service loaded model {ours} from {model_path}")
     if moe is None:
         model = Llama4Model.load(ckpt, dtype, device)
     else:
         model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
-    tier = None
+    tier, sessions = None, None
     if redis_url:
-        tier = RedisKVTier(redis_url, ckpt.fingerprint(), ckpt.config, dtype,
+        fingerprint = ckpt.fingerprint()
+        tier = RedisKVTier(redis_url, fingerprint, ckpt.config, dtype,
                            batching.get("block_size", DEFAULT_BLOCK_SIZE), ttl_s=kv_ttl_s)
+        state = redis.Redis.from_url(state_redis_url, socket_timeout=1.0, socket_connect_timeout=1.0) \
+            if state_redis_url else tier.redis  # sessions belong with state (never evicted), not the LRU cache
+        sessions = SessionStore(state, fingerprint, ttl_s=kv_ttl_s)
     engine = Engine(model, kv_tier=tier, **batching)
     tok = Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id)
-    return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier), moe
+    return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier, sessions), moe
 
 
-def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES):
-    server, bound, _ = start_server(lambda s: llama_pb2_grpc.add_LlamaServicer_to_server(servicer, s),
-                                    ["herd.v1.Llama"], host=host, port=port, max_workers=64,
-                                    max_message_bytes=max_message_bytes)
+def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES,
+          max_streams: int = 256, api_keys: list[str] | None = None, cluster_token: str | None = None,
+          tls: tuple[bytes, bytes] | None = None):
+    """Serve the public API. With api_keys, every call but health needs one of them (or the
+    cluster token, which also shows operators the internal addresses in Status). Threads:
+    max_streams for Generate/Score plus HEALTH_THREADS that health checks and Status never wait behind."""
+    secrets = [*(api_keys or []), *([cluster_token] if cluster_token else [])]
+    servicer.operator_secrets = [cluster_token] if cluster_token and api_keys else []
+    servicer.streams = threading.BoundedSemaphore(max_streams)
+    server, bound, health = start_server(lambda s: llama_pb2_grpc.add_LlamaServicer_to_server(servicer, s),
+                                         ["herd.v1.Llama"], host=host, port=port,
+                                         max_workers=max_streams + HEALTH_THREADS, max_message_bytes=max_message_bytes,
+                                         secrets=secrets or None, tls=tls)
+    servicer.readiness = Readiness(servicer.loop, servicer.moe.channel if servicer.moe else None, health,
+                                   ["herd.v1.Llama"])
+    servicer.readiness.watch()
     return server, bound

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import threading
 
 import ray
 
@@ -21,20 +22,28 @@ class ExpertWorker:
 
         from expert_svc.server import serve
         from llama4.dtypes import torch_dtype
+        from plumbing.auth import CLUSTER_TOKEN_ENV
         from plumbing.registry import WorkerRegistry
 
         torch.set_num_threads(threads)
         self.index, self.experts = index, experts
         try:
+            # The cluster token comes from the environment Ray started this process with, not an argument
+            # (actor arguments are shown on the Ray dashboard).
+            token = os.environ.get(CLUSTER_TOKEN_ENV) or None
             self.server, port, self.servicer = serve(model_path, experts, torch_dtype(dtype), device, host=host,
-                                                     max_message_bytes=max_message_bytes)
+                                                     max_message_bytes=max_message_bytes, token=token)
             # Bound to every interface (Kubernetes): publish the node's address, not 0.0.0.0.
             advertised = ray.util.get_node_ip_address() if ipaddress.ip_address(host).is_unspecified else host
             self.address = f"{advertised}:{port}"
-            WorkerRegistry(redis_url, cluster).publish(index, self.address, experts, os.getpid())
         except Exception as exc:  # a worker that cannot serve must not look alive: Ray restarts it
             print(f"expert-worker-{index}: failed to start: {exc!r}", flush=True)
             os._exit(1)
+        # Registration is not a condition of serving: the heartbeat publishes as soon as Redis answers.
+        record = {"address": self.address, "experts": experts, "pid": os.getpid(),
+                  "fingerprint": self.servicer.fingerprint}
+        self._stop = threading.Event()
+        WorkerRegistry(redis_url, cluster).heartbeat(index, record, self._stop)
 
     def info(self) -> dict:
         return {"index": self.index, "experts": self.experts, "address": self.address, "pid": os.getpid(),

@@ -21,6 +21,7 @@ from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
 class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
     def __init__(self, ckpt: Checkpoint, experts: list[int], dtype: torch.dtype, device: str):
         self.cfg, self.dtype, self.device = ckpt.config, dtype, device
+        self.fingerprint = ckpt.fingerprint()  # published with the address: the router checks it
         self.experts = sorted(experts)
         # Global expert id -> index in this worker's weights, -1 for experts it does not hold.
         self.global_to_local = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
@@ -62,9 +63,11 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
 
 
 def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, host: str = "127.0.0.1", port: int = 0,
-          max_message_bytes: int = MAX_MESSAGE_BYTES):
+          max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
+    """token: the cluster token every caller (the router) must send."""
     servicer = ExpertServicer(Checkpoint(model_path), experts, dtype, device)
     server, bound, _ = start_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s),
                                     ["herd.v1.ExpertWorker"], host=host, port=port,
-                                    max_message_bytes=max_message_bytes)
+                                    max_message_bytes=max_message_bytes, secrets=[token] if token else None,
+                                    what="cluster token")
     return server, bound, servicer

@@ -55,8 +55,12 @@ def _prompt_ids(args, tok) -> list[int]:
 
 
 def cmd_generate(args) -> int:
+    if args.new_session and not args.session:
+        raise HerdInputError("--new-session needs --session ID; allowed: --session ID --new-session")
     if args.target:
         return _generate_remote(args)
+    if args.session:  # sessions live in the cluster's Redis; never ignore one silently
+        raise HerdInputError("--session needs --target; allowed: --target HOST:PORT --session ID")
     from llama4.engine import Request
     from llama4.sampling import SamplingParams
     from llama4.tokenizer import Detokenizer
@@ -87,7 +91,8 @@ def _generate_remote(args) -> int:
                   seed=args.seed)
     prompt = {"chat": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt}
     start, n, reason, trace = time.perf_counter(), 0, "", []
-    for msg in client.generate(**prompt, **kwargs, session_id=args.session or "", trace_routes=args.trace):
+    for msg in client.generate(**prompt, **kwargs, session_id=args.session or "", new_session=args.new_session,
+                               trace_routes=args.trace):
         n += len(msg.token_ids)
         sys.stdout.write(msg.text)
         sys.stdout.flush()
@@ -129,14 +134,18 @@ def cmd_score(args) -> int:
 def cmd_status(args) -> int:
     from herd.client import Client
 
-    st = Client(args.target).status()
+    st = Client(args.target, operator=True).status()
     print(f"model: {st.model}")
     print(f"steps: {st.steps}  running: {st.running}  waiting: {st.waiting}  route RPCs: {st.route_rpcs}")
     sizes = list(st.recent_batch_sizes)[-16:]
     print(f"recent decode batch sizes: {sizes}")
     r = st.router
     print(f"router: {r.routes} routes, {r.worker_rpcs} worker RPCs, {r.retries} retries")
+    print(f"router model fingerprint: {r.fingerprint}")
     for w in r.workers:
+        if w.refused:
+            print(f"  worker {w.index} {w.address} REFUSED: {w.refused}")
+            continue
         print(f"  worker {w.index} {w.address} {'SERVING' if w.healthy else 'UNAVAILABLE'} experts {list(w.experts)} "
               f"rpcs {w.rpcs} rows {w.rows}")
     for load in r.loads:
@@ -155,19 +164,28 @@ def cmd_status(args) -> int:
 def cmd_up(args) -> int:
     from herd.deploy import DeployConfig
     from herd.up import Cluster
-    from plumbing.lifecycle import wait_for_signal
+    from plumbing.lifecycle import stop_on_signals
 
+    stop = stop_on_signals()  # a signal during start-up stops the cluster once it is up
     cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    with Cluster(cfg, log=log) as cluster:
+    cluster = Cluster(cfg, log=log)
+    try:
+        cluster.start()
+        stop_on_signals(stop)  # ray.init replaced the SIGTERM handler with one that exits 15
         print(f"herd is up: attention {cluster.attention_address}  router {cluster.router_address}  "
               f"ray dashboard {cluster.dashboard_url or 'off'}", flush=True)
+        if cluster.api_key_hint:
+            log(f"API key: {cluster.api_key_hint} (herd generate/score/status read it; other clients send "
+                "'authorization: Bearer <key>')")
         if args.prompt:
             return _demo(cluster, args.prompt)
-        dead = wait_for_signal(lambda: ", ".join(cluster.dead_children()))
-        if dead:
-            print(f"herd: error: {dead} exited; stopping the cluster", file=sys.stderr)
-            return 1
+        while not stop.wait(1.0):
+            for line in cluster.supervise():
+                log(line)
+        log(f"herd: stopping: draining requests (up to {cfg.drain_timeout_s:.0f} s), then every process")
+    finally:
+        cluster.stop()
     return 0
 
 
@@ -183,9 +201,11 @@ def cmd_workers(args) -> int:
     from plumbing.lifecycle import wait_for_signal
 
     cfg = DeployConfig.load(args.config)
-    redis_url = os.environ.get("HERD_REDIS_URL") or cfg.redis_url
+    redis_url = (os.environ.get("HERD_STATE_REDIS_URL") or cfg.state_redis_url or os.environ.get("HERD_REDIS_URL")
+                 or cfg.redis_url)
     if not redis_url:
-        raise HerdInputError("workers: set HERD_REDIS_URL (or redis_url in the config) for the worker registry")
+        raise HerdInputError("workers: set HERD_STATE_REDIS_URL (or state_redis_url in the config) for the worker "
+                             "registry")
     ray.init(address=args.ray_address, namespace="herd", logging_level="ERROR", log_to_driver=False)
     actors, infos = start_expert_workers(cfg, str(resolve_model(cfg.model)), redis_url)
     print(f"expert workers serving: {[i['address'] for i in infos]}", flush=True)
@@ -254,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(g)
     g.add_argument("--target", help="HOST:PORT of a running cluster (default: run the model in this process)")
     g.add_argument("--session", help="with --target: continue this conversation (its KV lives in Redis)")
+    g.add_argument("--new-session", action="store_true", help="with --session: start the conversation")
     g.add_argument("--trace", action="store_true", help="with --target: print the expert and worker of each token")
     g.add_argument("--prompt", required=True)
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")

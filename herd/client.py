@@ -1,6 +1,8 @@
 """A small client for herd's public API (used by `herd generate/score/status --target`)."""
 from __future__ import annotations
 
+import os
+
 import grpc
 
 from herdpb import llama_pb2, llama_pb2_grpc
@@ -8,15 +10,36 @@ from llama4.errors import HerdInputError
 from plumbing.grpc_server import channel
 
 
+def default_secret(operator: bool = False) -> str | None:
+    """The credential a local client sends: HERD_API_KEY, else the key `herd up` keeps under the
+    herd home; operator=True prefers the cluster token (Status then shows internal addresses)."""
+    from pathlib import Path
+
+    from llama4.store import cache_home
+
+    if os.environ.get("HERD_API_KEY") and not operator:
+        return os.environ["HERD_API_KEY"]
+    for name in (("cluster-token", "api-key") if operator else ("api-key",)):
+        path = Path(cache_home()) / name
+        if path.exists():
+            return path.read_text().strip()
+    return os.environ.get("HERD_API_KEY")
+
+
 class Client:
-    def __init__(self, target: str, timeout: float = 600.0):
-        self._channel = channel(target)
+    def __init__(self, target: str, timeout: float = 600.0, secret: str | None = None, operator: bool = False,
+                 tls_ca: bytes | None = None):
+        """secret: an API key (default: default_secret()); tls_ca: PEM roots for a TLS listener."""
+        self._channel = channel(target, secret=secret or default_secret(operator), tls_ca=tls_ca)
         self.stub = llama_pb2_grpc.LlamaStub(self._channel)
         self.timeout = timeout
 
     def generate(self, *, text=None, ids=None, chat=None, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
-                 seed=None, ignore_eos=False, request_id="", session_id="", trace_routes=False):
-        req = llama_pb2.GenerateRequest(request_id=request_id, session_id=session_id, trace_routes=trace_routes)
+                 seed=None, ignore_eos=False, request_id="", session_id="", new_session=False, trace_routes=False):
+        """Stream GenerateResponses. With session_id, new_session=True starts the conversation;
+        later turns continue it (a turn that raced another on the session fails with ABORTED)."""
+        req = llama_pb2.GenerateRequest(request_id=request_id, session_id=session_id, new_session=new_session,
+                                        trace_routes=trace_routes)
         if ids is not None:
             req.ids.ids.extend(ids)
         elif chat is not None:

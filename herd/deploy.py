@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from llama4.config import ModelConfig
 from llama4.dtypes import DTYPE_NAMES
 from llama4.errors import HerdInputError
 from llama4.errors import need as _need
@@ -45,13 +46,21 @@ class DeployConfig:
     attention_port: int = 50051  # 0 = any free port
     router_port: int = 0
     dashboard: bool = True
-    redis_url: str | None = None  # None: herd starts a private redis-server
+    redis_url: str | None = None  # the KV tier's cache; None: herd starts a private redis-server (LRU)
+    state_redis_url: str | None = None  # registry and sessions; None: redis_url if set, else a private one
     kv_tier: bool = True  # prefix cache and sessions in Redis
     kv_ttl_s: int = 3600  # seconds a KV block or session stays in Redis
     redis_maxmemory: str = "1gb"  # for the private redis-server (LRU eviction beyond it)
     route_timeout_s: float = 60.0
     startup_timeout_s: float = 300.0
     max_message_bytes: int = 64 * 1024 * 1024  # gRPC message cap on every hop; larger steps are split
+    worker_wait_s: float | None = None  # how long the router waits for a restarting worker; None: from the model
+    drain_timeout_s: float = 30.0  # on SIGTERM, how long in-flight requests may take to finish
+    auth: bool = True  # API keys on the public API and the cluster token between services
+    api_keys_file: str | None = None  # one key per line; None: herd up generates one under the herd home
+    tls_cert: str | None = None  # PEM certificate chain for the public listener (with tls_key)
+    tls_key: str | None = None
+    max_streams: int = 256  # concurrent Generate/Score calls; beyond it RESOURCE_EXHAUSTED (health never waits)
     cluster: str = "herd"
     batching: Batching = field(default_factory=Batching)
 
@@ -70,6 +79,11 @@ class DeployConfig:
             need(isinstance(v, int) and 0 <= v < 65536, name, v, "0 (any free port) to 65535")
         need(self.route_timeout_s > 0, "route_timeout_s", self.route_timeout_s, "> 0")
         need(self.startup_timeout_s > 0, "startup_timeout_s", self.startup_timeout_s, "> 0")
+        need(self.worker_wait_s is None or self.worker_wait_s > 0, "worker_wait_s", self.worker_wait_s, "null or > 0")
+        need(self.drain_timeout_s >= 0, "drain_timeout_s", self.drain_timeout_s, ">= 0")
+        need((self.tls_cert is None) == (self.tls_key is None), "tls_cert", self.tls_cert, "set together with tls_key")
+        need(isinstance(self.max_streams, int) and self.max_streams >= 1, "max_streams", self.max_streams,
+             "an integer >= 1")
         b = self.batching
         need(b.max_num_seqs >= 1, "batching.max_num_seqs", b.max_num_seqs, "an integer >= 1")
         need(b.max_step_tokens >= 1, "batching.max_step_tokens", b.max_step_tokens, "an integer >= 1")
@@ -118,3 +132,17 @@ def place_experts(num_experts: int, num_workers: int, policy: str, replicas: int
         bounds = [round(w * num_experts / num_workers) for w in range(num_workers + 1)]
         shards = [list(range(bounds[w], bounds[w + 1])) for w in range(num_workers)]
     return [sorted(e for r in range(replicas) for e in shards[(w - r) % num_workers]) for w in range(num_workers)]
+
+
+SHARD_READ_BYTES_PER_S = 500e6  # a conservative read rate from shared model storage
+
+
+def worker_wait_s(cfg: DeployConfig, model: ModelConfig) -> float:
+    """How long the router waits for a restarting expert worker: the configured value, or the
+    time to read one worker's shard of routed experts at SHARD_READ_BYTES_PER_S, plus 30 s."""
+    if cfg.worker_wait_s is not None:
+        return cfg.worker_wait_s
+    itemsize = 4 if cfg.dtype == "float32" else 2
+    expert_bytes = len(model.moe_layers) * model.num_local_experts * 3 * model.hidden_size * model.intermediate_size
+    shard = expert_bytes * itemsize * cfg.replicas / cfg.workers
+    return 30.0 + shard / SHARD_READ_BYTES_PER_S

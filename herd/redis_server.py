@@ -30,11 +30,13 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 class RedisServer:
     def __init__(self, host: str = "127.0.0.1", maxmemory: str = "1gb", port: int | None = None,
-                 password: str | None = None):
+                 password: str | None = None, policy: str = "allkeys-lru"):
+        """policy: allkeys-lru for a cache (the KV tier), noeviction for state (registry, sessions)."""
         self.host, self.port = host, port or free_port(host)
         self.password = password or secrets.token_urlsafe(24)
+        self.maxmemory, self.policy = maxmemory, policy
         args = [redis_server_binary(), "--bind", host, "--port", str(self.port), "--save", "", "--appendonly", "no",
-                "--maxmemory", maxmemory, "--maxmemory-policy", "allkeys-lru", "--protected-mode", "yes"]
+                "--maxmemory", maxmemory, "--maxmemory-policy", policy, "--protected-mode", "yes"]
         # The password goes in through stdin-config, not argv (argv is visible to every user).
         self.proc = subprocess.Popen(args + ["-"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE)
@@ -50,6 +52,11 @@ class RedisServer:
                     raise RuntimeError(
                         f"redis-server did not start: {self.proc.stderr.read().decode()[-500:]}") from exc
                 time.sleep(0.05)
+
+    def restarted(self) -> RedisServer:
+        """A fresh (empty) server on the same port with the same password, for supervision."""
+        self.stop()
+        return RedisServer(self.host, self.maxmemory, self.port, self.password, self.policy)
 
     @property
     def url(self) -> str:

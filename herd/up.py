@@ -1,9 +1,11 @@
 """`herd up`: the whole local cluster, started in order and stopped together.
 
-Redis (private unless configured) -> a local Ray cluster bound to 127.0.0.1 with token
-auth -> one ExpertWorker actor per shard -> the router -> the attention service. Each is
-waited on until it reports SERVING. Children are watched: if the router or the attention
-service dies, the cluster stops loudly instead of serving half a model.
+Two Redis servers (private unless configured: an LRU cache for the KV tier, and a
+never-evicting one for state, the worker registry and sessions) -> a local Ray cluster bound
+to 127.0.0.1 with token auth -> one ExpertWorker actor per shard -> the router -> the
+attention service. Each is waited on until it reports SERVING. Children are supervised: one
+that dies is restarted on the same port with backoff, and herd up says so; Ray restarts
+expert workers itself.
 """
 from __future__ import annotations
 
@@ -15,24 +17,46 @@ import sys
 import time
 from pathlib import Path
 
-from herd.deploy import DeployConfig, place_experts
+from herd.deploy import DeployConfig, place_experts, worker_wait_s
 from herd.redis_server import RedisServer
 from llama4.config import ModelConfig
-from llama4.store import resolve_model
+from llama4.store import cache_home, resolve_model
+from plumbing.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, read_secrets
 from plumbing.grpc_server import wait_serving
 from plumbing.registry import WorkerRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
+API_KEY_FILE, CLUSTER_TOKEN_FILE = "api-key", "cluster-token"
+
+
+def own_secret(name: str) -> str:
+    """A secret kept in a 0600 file under the herd home, made on first use."""
+    path = cache_home() / name
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:  # another herd up made it just now
+            pass
+        else:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
 
 
 class Cluster:
     def __init__(self, cfg: DeployConfig, log=print):
         self.cfg, self.log = cfg, log
-        self.redis: RedisServer | None = None
+        self.redis: RedisServer | None = None  # private KV tier cache (LRU)
+        self.state_redis: RedisServer | None = None  # private state: worker registry, sessions (never evicted)
         self.procs: dict[str, subprocess.Popen] = {}
+        self._specs: dict[str, tuple[list[str], dict, str]] = {}  # name -> (argv, env, ready line) to restart
+        self._restarts: dict[str, tuple[int, float]] = {}  # name -> (restarts so far, when the next may run)
         self.actors = []
         self.ray_started = False
         self.attention_address = self.router_address = self.dashboard_url = None
+        self.api_key_hint = ""  # where a client finds its API key
+        self.api_key = self.cluster_token = None  # with auth: the public API's key, the internal services' token
 
     # ---- start ----
     def start(self) -> Cluster:
@@ -54,25 +78,40 @@ class Cluster:
         else:
             self.redis = RedisServer(cfg.host, maxmemory=cfg.redis_maxmemory)
             redis_url = self.redis.url
+        if cfg.state_redis_url or cfg.redis_url:
+            state_url = cfg.state_redis_url or cfg.redis_url
+        else:
+            self.state_redis = RedisServer(cfg.host, maxmemory="0", policy="noeviction")
+            state_url = self.state_redis.url
+        # Steps wait this long for a restarting worker (its shard reloads); the attention side waits longer.
+        wait = worker_wait_s(cfg, ckpt_cfg)
+        secrets_env = self._secrets()
+        os.environ.update(secrets_env)  # Ray's processes (the expert workers) inherit the cluster token
         self._start_ray()
-        self.actors, infos = start_expert_workers(cfg, model_path, redis_url)
+        self.actors, infos = start_expert_workers(cfg, model_path, state_url)
         shards_text = ", ".join(f"{i['address']} experts {_span(i['experts'])}" for i in infos)
         self.log(f"expert workers: {len(infos)} ({shards_text})")
 
-        env = {**os.environ, "HERD_REDIS_URL": redis_url, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
+               "PYTHONPATH": str(ROOT)}
         self.router_address = self._spawn("router", [
             "-m", "router_svc", "--model", model_path, "--dtype", cfg.dtype, "--host", cfg.host,
             "--port", str(cfg.router_port), "--cluster", cfg.cluster,
-            "--max-message-bytes", str(cfg.max_message_bytes)], env, "ROUTER_LISTENING")
+            "--max-message-bytes", str(cfg.max_message_bytes), "--worker-wait", str(wait)],
+            env, "ROUTER_LISTENING")
         wait_serving(self.router_address, cfg.startup_timeout_s)
         batching = json.dumps(vars(cfg.batching))
         self.attention_address = self._spawn("attention", [
             "-m", "attention_svc", "--model", model_path, "--router", self.router_address, "--dtype", cfg.dtype,
             "--device", cfg.device, "--host", cfg.host, "--port", str(cfg.attention_port), "--batching", batching,
-            "--route-timeout", str(cfg.route_timeout_s), "--kv-ttl", str(cfg.kv_ttl_s),
-            "--max-message-bytes", str(cfg.max_message_bytes),
+            "--route-timeout", str(max(cfg.route_timeout_s, wait + 10)), "--kv-ttl", str(cfg.kv_ttl_s),
+            "--max-message-bytes", str(cfg.max_message_bytes), "--drain", str(cfg.drain_timeout_s),
+            "--max-streams", str(cfg.max_streams),
+            *(["--tls-cert", cfg.tls_cert, "--tls-key", cfg.tls_key] if cfg.tls_cert else []),
             *([] if cfg.kv_tier else ["--no-kv-tier"])], env, "ATTENTION_LISTENING")
-        wait_serving(self.attention_address, cfg.startup_timeout_s)
+        tls_ca = Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None
+        wait_serving(self.attention_address.replace("127.0.0.1", "localhost") if tls_ca else self.attention_address,
+                     cfg.startup_timeout_s, tls_ca)
 
     def _start_ray(self) -> None:
         # Local-only mode (every Ray listener on 127.0.0.1) and token auth with a fresh token.
@@ -90,21 +129,67 @@ class Cluster:
         self.ray_started = True
         self.dashboard_url = ctx.dashboard_url
 
+    def _secrets(self) -> dict[str, str]:
+        """The API keys and the cluster token, for the children's environment (never argv).
+        Without a configured key file, both are generated once into 0600 files under the herd
+        home, where `herd generate/score/status` find them (API_KEY_FILE, CLUSTER_TOKEN_FILE)."""
+        if not self.cfg.auth:
+            return {API_KEYS_ENV: "", CLUSTER_TOKEN_ENV: ""}
+        keys = read_secrets(API_KEYS_ENV, self.cfg.api_keys_file) if self.cfg.api_keys_file else [
+            own_secret(API_KEY_FILE)]
+        self.api_key_hint = self.cfg.api_keys_file or str(cache_home() / API_KEY_FILE)
+        self.api_key, self.cluster_token = keys[0], own_secret(CLUSTER_TOKEN_FILE)
+        return {API_KEYS_ENV: ",".join(keys), CLUSTER_TOKEN_ENV: self.cluster_token}
+
     def _spawn(self, name: str, args: list[str], env: dict, ready: str) -> str:
         proc = subprocess.Popen([sys.executable, *args], env=env, stdout=subprocess.PIPE, stderr=None, text=True,
-                                cwd=ROOT)
+                                cwd=ROOT, start_new_session=True)  # Ctrl-C reaches herd up alone; it stops them
         self.procs[name] = proc
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         for line in proc.stdout:
             if line.startswith(ready):
-                return line.split()[1]
+                address = line.split()[1]
+                # A restart binds the same port: its clients keep their address.
+                argv = list(args)
+                argv[argv.index("--port") + 1] = address.rsplit(":", 1)[1]
+                self._specs[name] = (argv, env, ready)
+                return address
             if time.monotonic() > deadline:
                 break
         raise RuntimeError(f"{name} service exited before listening (code {proc.poll()})")
 
-    # ---- watch and stop ----
+    # ---- watch, restart and stop ----
     def dead_children(self) -> list[str]:
-        return [name for name, p in self.procs.items() if p.poll() is not None]
+        dead = [name for name, p in self.procs.items() if p.poll() is not None]
+        for name, server in (("redis", self.redis), ("state redis", self.state_redis)):
+            if server is not None and server.proc.poll() is not None:
+                dead.append(name)
+        return dead
+
+    def supervise(self) -> list[str]:
+        """Restart every process herd up started that died, with exponential backoff (1 s to 30 s);
+        returns what it did, one line each, for the operator."""
+        said = []
+        for name in self.dead_children():
+            count, not_before = self._restarts.get(name, (0, 0.0))
+            if time.monotonic() < not_before:
+                continue
+            code = (self.procs[name].poll() if name in self.procs else
+                    (self.redis if name == "redis" else self.state_redis).proc.poll())
+            try:
+                if name in self.procs:
+                    argv, env, ready = self._specs[name]
+                    self._spawn(name, argv, env, ready)
+                elif name == "redis":
+                    self.redis = self.redis.restarted()
+                else:
+                    self.state_redis = self.state_redis.restarted()
+                said.append(f"herd: {name} exited (code {code}); restarted (restart {count + 1})")
+                self._restarts[name] = (count + 1, time.monotonic() + min(2**count, 30))
+            except (RuntimeError, OSError) as exc:
+                said.append(f"herd: {name} exited (code {code}); restart failed ({exc}); retrying")
+                self._restarts[name] = (count + 1, time.monotonic() + min(2**count, 30))
+        return said
 
     def worker_pids(self) -> list[int]:
         import ray
@@ -112,14 +197,16 @@ class Cluster:
         return [info["pid"] for info in ray.get([a.info.remote() for a in self.actors], timeout=30)]
 
     def stop(self) -> None:
+        """Stop everything herd up started: the attention service first (it drains its requests
+        within drain_timeout_s), then the router, the workers, Ray and Redis."""
         for _name, proc in reversed(list(self.procs.items())):
             if proc.poll() is None:
                 proc.terminate()
-        for proc in self.procs.values():
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                try:
+                    proc.wait(self.cfg.drain_timeout_s + 10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(10)
         self.procs.clear()
         if self.ray_started:
             import ray
@@ -131,9 +218,10 @@ class Cluster:
                     pass
             ray.shutdown()
             self.ray_started = False
-        if self.redis:
-            self.redis.stop()
-            self.redis = None
+        for server in (self.redis, self.state_redis):
+            if server:
+                server.stop()
+        self.redis = self.state_redis = None
 
     def __enter__(self) -> Cluster:
         return self.start()

@@ -30,17 +30,11 @@ class Checkpoint:
         self._model_prefix, self._head_prefix = self._detect_layout()
 
     def fingerprint(self) -> str:
-        """Identifies these weights: config.json, and each shard's name, size and first MiB."""
-        import hashlib
+        """Identifies exactly these weights (llama4.fingerprint): config.json and every tensor byte."""
+        from llama4.fingerprint import fingerprint
+        from llama4.store import cache_home
 
-        h = hashlib.sha256((self.path / "config.json").read_bytes())
-        for name in sorted(set(self._files.values())):
-            file = self.path / name
-            h.update(name.encode())
-            h.update(str(file.stat().st_size).encode())
-            with open(file, "rb") as f:
-                h.update(f.read(1 << 20))
-        return h.hexdigest()[:32]
+        return fingerprint(self.path, sorted(set(self._files.values())), cache_home())
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

@@ -1,32 +1,65 @@
 """Where expert workers publish their address and experts, and the router looks them up.
 
-A Redis hash per worker (JSON values, no pickle). A restarted worker publishes its new
-address under the same index, so the router follows it.
+One key per worker (JSON, no pickle) with a TTL, refreshed by the worker's heartbeat, and a
+set of the worker indices, so the router reads the registry in two commands without
+scanning the keyspace. A worker re-publishes on every beat: after a Redis restart the
+registry is whole again within one beat, and a restarted worker's new address replaces the
+old one under the same index. The registry belongs in the state Redis (never evicted), not
+in the KV tier's LRU cache.
 """
 from __future__ import annotations
 
 import json
+import logging
+import threading
 
 import redis
 
+log = logging.getLogger("herd.registry")
+HEARTBEAT_S = 2.0  # how often a worker re-publishes itself
+TTL_S = 10  # a worker silent this long drops out of the registry (the router keeps its last address)
+
 
 class WorkerRegistry:
-    def __init__(self, redis_url: str, cluster: str = "herd"):
-        self._redis = redis.Redis.from_url(redis_url, socket_timeout=5, socket_connect_timeout=5)
-        self._prefix = f"herd:{cluster}:worker:"
+    def __init__(self, redis_url: str, cluster: str = "herd", timeout_s: float = 2.0):
+        self._redis = redis.Redis.from_url(redis_url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._prefix, self._index = f"herd:{cluster}:worker:", f"herd:{cluster}:workers"
 
-    def publish(self, index: int, address: str, experts: list[int], pid: int) -> None:
-        self._redis.set(self._prefix + str(index), json.dumps({"address": address, "experts": experts, "pid": pid}))
+    def publish(self, index: int, record: dict) -> None:
+        """Publish (or refresh) worker `index`: its address, experts and anything else in record."""
+        with self._redis.pipeline(transaction=True) as pipe:
+            pipe.set(self._prefix + str(index), json.dumps(record), ex=TTL_S)
+            pipe.sadd(self._index, index)
+            pipe.execute()
 
     def workers(self) -> dict[int, dict]:
-        keys = sorted(self._redis.scan_iter(match=self._prefix + "*"))
-        values = self._redis.mget(keys) if keys else []
-        out = {}
-        for key, raw in zip(keys, values, strict=True):
-            if raw is not None:
-                out[int(key.decode().rsplit(":", 1)[1])] = json.loads(raw)
-        return out
+        """{index: record} of every worker whose registration is alive."""
+        indices = sorted(int(i) for i in self._redis.smembers(self._index))
+        values = self._redis.mget([self._prefix + str(i) for i in indices]) if indices else []
+        return {i: json.loads(raw) for i, raw in zip(indices, values, strict=True) if raw is not None}
 
     def clear(self) -> None:
-        for key in self._redis.scan_iter(match=self._prefix + "*"):
-            self._redis.delete(key)
+        indices = self._redis.smembers(self._index)
+        self._redis.delete(self._index, *(self._prefix + i.decode() for i in indices))
+
+    def heartbeat(self, index: int, record: dict, stop: threading.Event) -> threading.Thread:
+        """Re-publish worker `index` every HEARTBEAT_S until stop is set; Redis outages are logged
+        once and survived (the worker keeps serving, the router keeps its last known address)."""
+
+        def beat():
+            down = False
+            while not stop.is_set():
+                try:
+                    self.publish(index, record)
+                    if down:
+                        log.warning("worker registry reachable again; worker %d re-published", index)
+                    down = False
+                except redis.RedisError as exc:
+                    if not down:
+                        log.warning("worker registry unreachable (%s); worker %d keeps serving", exc, index)
+                    down = True
+                stop.wait(HEARTBEAT_S)
+
+        thread = threading.Thread(target=beat, name=f"registry-heartbeat-{index}", daemon=True)
+        thread.start()
+        return thread

@@ -4,6 +4,7 @@ import logging
 import os
 
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from plumbing.auth import CLUSTER_TOKEN_ENV
 from plumbing.grpc_server import MAX_MESSAGE_BYTES
 from plumbing.lifecycle import serve_until_signalled
 from router_svc.server import serve
@@ -17,15 +18,19 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cluster", default="herd")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--worker-wait", type=float, default=30.0,
+                    help="seconds a Route waits for a restarting worker (herd up derives it from the shard size)")
     ap.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message cap, each way")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
     import torch
 
     torch.set_num_threads(args.threads)
-    redis_url = os.environ["HERD_REDIS_URL"]  # carries the password: environment, not argv
+    # The worker registry lives in the state Redis; the URL carries a password: environment, not argv.
+    redis_url = os.environ.get("HERD_STATE_REDIS_URL") or os.environ["HERD_REDIS_URL"]
     server, port, _ = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port,
-                            max_message_bytes=args.max_message_bytes)
+                            wait_for_workers=max(120.0, args.worker_wait), max_message_bytes=args.max_message_bytes,
+                            worker_timeout=args.worker_wait, token=os.environ.get(CLUSTER_TOKEN_ENV) or None)
     print(f"ROUTER_LISTENING {args.host}:{port}", flush=True)
     serve_until_signalled(server)
 

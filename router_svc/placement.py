@@ -1,8 +1,10 @@
 """Placement: which expert worker holds which experts, which of them are alive, who gets a row.
 
 The worker table comes from the registry (a restarted worker publishes its new address
-under its old index, and the table follows it); a background probe marks workers up or
-down and sets the router's health; `assign` picks one usable replica per expert.
+under its old index, and the table follows it). The table only grows or moves: a worker
+missing from the registry (Redis restarted empty, or away) keeps its last known address
+until it publishes again, so a Redis outage never empties the router. A background probe
+marks workers up or down and sets readiness; `assign` picks one usable replica per expert.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ PROBE_EVERY_S, PROBE_TIMEOUT_S = 1.0, 1.0
 class Worker:
     """One expert worker as the router sees it: its address, experts, stream and health."""
 
-    def __init__(self, index: int, address: str, experts: list[int], max_message_bytes: int):
+    def __init__(self, index: int, address: str, experts: list[int], max_message_bytes: int,
+                 token: str | None = None):
         self.index, self.address, self.experts = index, address, experts
-        self.channel = channel(address, max_message_bytes)
+        self.channel = channel(address, max_message_bytes, secret=token)
         self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
         self.stream = Duplex(self.stub.RunExpertsStream)
         self.rpcs = self.rows = 0
@@ -58,8 +61,12 @@ class Worker:
 
 
 class Placement:
-    def __init__(self, registry: WorkerRegistry, num_experts: int, max_message_bytes: int):
+    def __init__(self, registry: WorkerRegistry, num_experts: int, max_message_bytes: int, fingerprint: str = "",
+                 token: str | None = None):
         self.registry, self.num_experts, self.max_message_bytes = registry, num_experts, max_message_bytes
+        self.token = token  # the cluster token, sent to the workers
+        self.fingerprint = fingerprint  # the model the router serves: workers serving another are refused
+        self.refused: dict[int, tuple[str, str]] = {}  # index -> (address, why)
         self.workers: dict[int, Worker] = {}
         self.replicas: dict[int, list[int]] = {}  # expert -> workers holding it
         self._lock = threading.Lock()
@@ -72,15 +79,26 @@ class Placement:
             log.warning("worker registry unavailable: %s", exc)
             return
         with self._lock:
-            replicas: dict[int, list[int]] = {}
             for index, info in sorted(published.items()):
+                theirs = info.get("fingerprint", "")
+                if self.fingerprint and theirs != self.fingerprint:
+                    why = (f"worker {index} at {info['address']} serves model {theirs or 'unknown'}, "
+                           f"the router serves model {self.fingerprint}")
+                    if self.refused.get(index) != (info["address"], why):
+                        log.error("refused %s", why)
+                    self.refused[index] = (info["address"], why)
+                    continue
+                self.refused.pop(index, None)
                 current = self.workers.get(index)
-                if current is None or current.address != info["address"]:
+                if current is None or current.address != info["address"] or current.experts != info["experts"]:
                     if current is not None:
                         current.close()
                         log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
-                    self.workers[index] = Worker(index, info["address"], info["experts"], self.max_message_bytes)
-                for e in info["experts"]:
+                    self.workers[index] = Worker(index, info["address"], info["experts"], self.max_message_bytes,
+                                                 self.token)
+            replicas: dict[int, list[int]] = {}
+            for index, worker in sorted(self.workers.items()):
+                for e in worker.experts:
                     replicas.setdefault(e, []).append(index)
             self.replicas = replicas
 
@@ -102,8 +120,10 @@ class Placement:
         return choice[expert_ids]
 
     def watch(self, health_servicer, service_names: list[str]) -> None:
-        """Probe every worker's health in the background and serve NOT_SERVING while some
-        expert has no live holder: probes and load balancers see a router that cannot route."""
+        """Probe every worker's health in the background and set readiness ("" and the service
+        names) NOT_SERVING while some expert has no live holder: load balancers see a router that
+        cannot route. Liveness (service "liveness") is not touched: a router waiting for a worker
+        to reload is alive and must not be restarted."""
 
         def loop():
             while True:

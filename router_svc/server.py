@@ -30,10 +30,11 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, registry: WorkerRegistry, worker_timeout: float = 30.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
         self.cfg, self.dtype = ckpt.config, dtype
         self.gates = load_gates(ckpt, dtype, "cpu")  # layer -> [E, H]
-        self.placement = Placement(registry, self.cfg.num_local_experts, max_message_bytes)
+        self.fingerprint = ckpt.fingerprint()
+        self.placement = Placement(registry, self.cfg.num_local_experts, max_message_bytes, self.fingerprint, token)
         self.worker_timeout = worker_timeout
         self.tokens_per_expert = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.gates}
         self.routes = self.retries = self.worker_rpcs = 0
@@ -121,22 +122,28 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return y, served_by
 
     def Status(self, request, context):
-        status = router_pb2.RouterStatus(routes=self.routes, retries=self.retries, worker_rpcs=self.worker_rpcs)
+        status = router_pb2.RouterStatus(routes=self.routes, retries=self.retries, worker_rpcs=self.worker_rpcs,
+                                         fingerprint=self.fingerprint)
         for w in sorted(self.placement.workers.values(), key=lambda w: w.index):
             status.workers.add(index=w.index, address=w.address, experts=w.experts, healthy=w.healthy,
                                rpcs=w.rpcs, rows=w.rows)
+        for index, (address, why) in sorted(self.placement.refused.items()):
+            status.workers.add(index=index, address=address, healthy=False, refused=why)
         for layer, counts in sorted(self.tokens_per_expert.items()):
             status.loads.add(layer=layer, tokens_per_expert=counts.tolist())
         return status
 
 
 def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, host: str = "127.0.0.1", port: int = 0,
-          wait_for_workers: float = 120.0, max_message_bytes: int = MAX_MESSAGE_BYTES):
+          wait_for_workers: float = 120.0, max_message_bytes: int = MAX_MESSAGE_BYTES, worker_timeout: float = 30.0,
+          token: str | None = None):
+    """token: the cluster token; callers of the router must send it, and it is sent to the workers."""
     servicer = RouterServicer(Checkpoint(model_path), dtype, WorkerRegistry(redis_url, cluster),
-                              max_message_bytes=max_message_bytes)
+                              worker_timeout=worker_timeout, max_message_bytes=max_message_bytes, token=token)
     servicer.placement.wait_for_experts(wait_for_workers)
     server, bound, health_servicer = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
                                                   ["herd.v1.Router"], host=host, port=port,
-                                                  max_message_bytes=max_message_bytes)
+                                                  max_message_bytes=max_message_bytes,
+                                                  secrets=[token] if token else None, what="cluster token")
     servicer.placement.watch(health_servicer, ["herd.v1.Router"])
     return server, bound, servicer

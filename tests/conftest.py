@@ -51,3 +51,34 @@ def reference_models(tmp_path_factory):
         model.save_pretrained(path)
         out[name] = (model, path)
     return out
+
+
+CLUSTER_MODEL = "tiny-maverick"  # the cluster tests' model: 128 experts, MoE on layers 1 and 3, Llama 4's vocabulary
+
+
+@pytest.fixture(scope="session")
+def local_cluster(herd_home):
+    """A factory: `with local_cluster(workers=2, ...) as c:` runs `herd up` in this process
+    (Redis, Ray, expert workers, router, attention) on free loopback ports."""
+    from contextlib import contextmanager
+
+    from herd.deploy import DeployConfig
+    from herd.up import Cluster
+
+    @contextmanager
+    def start(**overrides):
+        cfg = DeployConfig.load(None, **{"model": CLUSTER_MODEL, "attention_port": 0, "dashboard": False, **overrides})
+        with Cluster(cfg, log=lambda *_: None) as cluster:
+            yield cluster
+
+    return start
+
+
+@pytest.fixture(scope="module")
+def mono(herd_home):
+    """The monolithic model on the cluster tests' checkpoint: the reference a cluster must equal."""
+    from llama4.checkpoint import Checkpoint
+    from llama4.model import Llama4Model
+    from llama4.store import resolve_model
+
+    return Llama4Model.load(Checkpoint(resolve_model(CLUSTER_MODEL)))

@@ -148,11 +148,11 @@ def test_session_resumes_on_a_restarted_attention_service(scout, redis_server):
     out1 = run(Engine(model), turn1, max_tokens=10)
     expected = run(Engine(model), out1.tokens + turn2, max_tokens=10)
 
-    def serve_once(ids):
-        return serve_turn(path, redis_server.url,
-                          llama_pb2.GenerateRequest(session_id="conv-1", ids=llama_pb2.TokenIds(ids=ids)))
+    def serve_once(ids, new_session=False):
+        return serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(
+            session_id="conv-1", new_session=new_session, ids=llama_pb2.TokenIds(ids=ids)))
 
-    got1, _ = serve_once(turn1)
+    got1, _ = serve_once(turn1, new_session=True)
     assert got1 == out1.output_ids
     got2, status = serve_once(turn2)  # a new service process state: nothing in memory
     assert got2 == expected.output_ids
@@ -182,7 +182,8 @@ def test_chat_session_rerenders_the_conversation_and_reuses_its_kv(herd_home, re
     model, tok = Llama4Model.load(Checkpoint(path)), Tokenizer.for_checkpoint(path)
     chat = lambda text: llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", content=text)])
     first = "Tell me a long story about a llama who climbs the Andes and meets a condor at dawn."
-    got1, _ = serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="c", chat=chat(first)), 24)
+    got1, _ = serve_turn(path, redis_server.url,
+                         llama_pb2.GenerateRequest(session_id="c", new_session=True, chat=chat(first)), 24)
     answer = tok.detokenize(got1)
     conversation = [{"role": "user", "content": first}, {"role": "assistant", "content": answer},
                     {"role": "user", "content": "And then?"}]
@@ -192,7 +193,7 @@ def test_chat_session_rerenders_the_conversation_and_reuses_its_kv(herd_home, re
     assert got2 == expected.output_ids
     assert status.kv_tier.hits == 1
     assert status.tokens_computed <= len(ids) - 32 + 9  # at least the first turn's prompt blocks came from Redis
-    bad = llama_pb2.GenerateRequest(session_id="conv-tokens", ids=llama_pb2.TokenIds(ids=[1, 2, 3]))
+    bad = llama_pb2.GenerateRequest(session_id="conv-tokens", new_session=True, ids=llama_pb2.TokenIds(ids=[1, 2, 3]))
     serve_turn(path, redis_server.url, bad, 2)
     with pytest.raises(grpc.RpcError) as err:
         serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="conv-tokens", chat=chat("hi")))

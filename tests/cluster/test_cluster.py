@@ -14,31 +14,23 @@ import pytest
 import torch
 
 from herd.client import Client
-from herd.deploy import DeployConfig
-from herd.up import Cluster
 from herdpb import expert_pb2, expert_pb2_grpc, llama_pb2, router_pb2, router_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
-from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
 from plumbing.grpc_server import channel
 from plumbing.tensor_codec import write_tensor
 
-MODEL = "tiny-maverick"
+MODEL = "tiny-maverick"  # as the local_cluster fixture (tests/conftest.py)
+
 LOOPBACK = {"127.0.0.1", "[::1]", "[::ffff:127.0.0.1]"}
 
 
 @pytest.fixture(scope="module")
-def cluster(herd_home):
-    cfg = DeployConfig.load(None, model=MODEL, workers=4, attention_port=0, dashboard=False, route_timeout_s=90.0)
-    with Cluster(cfg, log=lambda *_: None) as c:
+def cluster(local_cluster):
+    with local_cluster(workers=4, route_timeout_s=90.0) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def mono(herd_home):
-    return Llama4Model.load(Checkpoint(resolve_model(MODEL)))
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +111,7 @@ def _code(fn):
 def test_malformed_internal_requests_are_refused(cluster, client):
     ckpt_cfg = Checkpoint(resolve_model(MODEL)).config
     h = ckpt_cfg.hidden_size
-    router = router_pb2_grpc.RouterStub(channel(cluster.router_address))
+    router = router_pb2_grpc.RouterStub(channel(cluster.router_address, secret=cluster.cluster_token))
     good = torch.randn(3, h)
 
     def route(x=None, layer=1, mutate=None):
@@ -139,7 +131,7 @@ def test_malformed_internal_requests_are_refused(cluster, client):
     assert "NaN" in _code(lambda: route(x=bad))[1]
     worker_addr = next(w.address for w in router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers
                        if w.index == 0)
-    worker = expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr))
+    worker = expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr, secret=cluster.cluster_token))
     req = expert_pb2.RunExpertsRequest(layer=1, expert_ids=[0, 1, 127])
     write_tensor(req.x, good)
     code, msg = _code(lambda: worker.RunExperts(req, timeout=10))
@@ -173,7 +165,7 @@ def test_malformed_public_requests_are_refused(client, build, needle):
 def test_nothing_listens_beyond_loopback(cluster):
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
     ours = {str(p.pid) for p in cluster.procs.values()} | {str(pid) for pid in cluster.worker_pids()}
-    ours.add(str(cluster.redis.proc.pid))
+    ours |= {str(cluster.redis.proc.pid), str(cluster.state_redis.proc.pid)}
     ours.add(str(os.getpid()))
     import psutil
 

@@ -16,8 +16,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from herd.client import Client
-from herd.deploy import DeployConfig
-from herd.up import Cluster
 from herdpb import expert_pb2, expert_pb2_grpc, llama_pb2, llama_pb2_grpc, router_pb2, router_pb2_grpc, tensor_pb2
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
@@ -26,7 +24,8 @@ from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
 from plumbing.grpc_server import channel
 
-MODEL = "tiny-maverick"
+MODEL = "tiny-maverick"  # as the local_cluster fixture (tests/conftest.py)
+
 PER_SERVICE = 2000
 SCALE = float(os.environ.get("HERD_FUZZ_SCALE", "1"))  # < 1 for a quick local run; CI runs all of it
 REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
@@ -37,20 +36,22 @@ COUNTS = {"attention": 0, "router": 0, "worker": 0}
 
 
 @pytest.fixture(scope="module")
-def cluster(herd_home):
-    cfg = DeployConfig.load(None, model=MODEL, workers=2, attention_port=0, dashboard=False, route_timeout_s=60.0)
-    with Cluster(cfg, log=lambda *_: None) as c:
+def cluster(local_cluster):
+    with local_cluster(workers=2, route_timeout_s=60.0) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
 def stubs(cluster):
-    router_ch, attention_ch = channel(cluster.router_address), channel(cluster.attention_address)
+    token = cluster.cluster_token
+    router_ch = channel(cluster.router_address, secret=token)
+    attention_ch = channel(cluster.attention_address, secret=cluster.api_key)
     router = router_pb2_grpc.RouterStub(router_ch)
     worker_addr = router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers[0].address
+    worker_ch = channel(worker_addr, secret=token)
     return {"attention": llama_pb2_grpc.LlamaStub(attention_ch), "router": router,
-            "worker": expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr)),
-            "channels": {"attention": attention_ch, "router": router_ch, "worker": channel(worker_addr)}}
+            "worker": expert_pb2_grpc.ExpertWorkerStub(worker_ch),
+            "channels": {"attention": attention_ch, "router": router_ch, "worker": worker_ch}}
 
 
 def expect_ok_or_refused(call, service, allow_internal_parse=False):

@@ -11,36 +11,27 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herd.client import Client
-from herd.deploy import DeployConfig
-from herd.up import Cluster
 from herdpb import expert_pb2, expert_pb2_grpc, llama_pb2, router_pb2, router_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, Request
-from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
 from llama4.tokenizer import Tokenizer
 from plumbing.grpc_server import channel
 from plumbing.tensor_codec import write_tensor
 
-MODEL = "tiny-maverick"
+MODEL = "tiny-maverick"  # as the local_cluster fixture (tests/conftest.py)
+
 MAX_NEW_TOKENS, CACHE_TOKENS, MAX_WAITING, MAX_SEQS = 960, 1024, 2, 3
 MESSAGE_CAP = 65536  # 237 rows of hidden 64 per message: a 600-token prefill takes 3
 
 
 @pytest.fixture(scope="module")
-def cluster(herd_home):
-    cfg = DeployConfig.load(None, model=MODEL, workers=2, attention_port=0, dashboard=False, route_timeout_s=90.0,
-                            max_message_bytes=MESSAGE_CAP,
-                            batching={"max_cache_tokens": CACHE_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
-                                      "max_waiting": MAX_WAITING, "max_num_seqs": MAX_SEQS})
-    with Cluster(cfg, log=lambda *_: None) as c:
+def cluster(local_cluster):
+    with local_cluster(workers=2, route_timeout_s=90.0, max_message_bytes=MESSAGE_CAP,
+                       batching={"max_cache_tokens": CACHE_TOKENS, "max_new_tokens": MAX_NEW_TOKENS,
+                                 "max_waiting": MAX_WAITING, "max_num_seqs": MAX_SEQS}) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def mono(herd_home):
-    return Llama4Model.load(Checkpoint(resolve_model(MODEL)))
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +92,7 @@ def test_non_finite_temperatures_are_refused(client, mono, temperature):
 
 def test_overflowing_route_and_run_experts_fail_alone_and_health_stays_true(cluster, client, mono):
     h = Checkpoint(resolve_model(MODEL)).config.hidden_size
-    router = router_pb2_grpc.RouterStub(channel(cluster.router_address))
+    router = router_pb2_grpc.RouterStub(channel(cluster.router_address, secret=cluster.cluster_token))
     health = health_pb2_grpc.HealthStub(channel(cluster.router_address))
     serving = lambda: health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == \
         health_pb2.HealthCheckResponse.SERVING
@@ -115,7 +106,7 @@ def test_overflowing_route_and_run_experts_fail_alone_and_health_stays_true(clus
     assert beside_a_greedy_neighbour(client, mono, overflow_route) == grpc.StatusCode.INVALID_ARGUMENT
     assert serving()
     worker_addr = router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers[0].address
-    worker = expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr))
+    worker = expert_pb2_grpc.ExpertWorkerStub(channel(worker_addr, secret=cluster.cluster_token))
     held = router.Status(router_pb2.RouterStatusRequest(), timeout=10).workers[0].experts[0]
 
     def overflow_worker():

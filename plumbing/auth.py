@@ -1,0 +1,106 @@
+"""Who may call: API keys for the public API, a cluster token for the internal services.
+
+Callers send `authorization: Bearer <secret>` metadata. A server built with `Guard` refuses
+every call of a protected service without a matching secret with UNAUTHENTICATED; the
+standard health and reflection services stay open (Kubernetes probes carry no secret).
+Secrets are compared in constant time against every accepted one. They come from the
+environment or from files, never from argv, and are never logged.
+"""
+from __future__ import annotations
+
+import hmac
+import os
+from pathlib import Path
+
+import grpc
+
+API_KEYS_ENV, CLUSTER_TOKEN_ENV = "HERD_API_KEYS", "HERD_CLUSTER_TOKEN"
+OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
+                 "grpc.reflection.v1.ServerReflection")
+
+
+def read_secrets(env: str, file: str | Path | None = None) -> list[str]:
+    """Secrets from a comma-separated environment variable and/or a file of one per line."""
+    found = [s.strip() for s in os.environ.get(env, "").split(",") if s.strip()]
+    if file:
+        found += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
+    return found
+
+
+def bearer(metadata) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization" and isinstance(value, str) and value.startswith("Bearer "):
+            return value[len("Bearer "):]
+    return None
+
+
+def matches(secret: str | None, accepted: list[str]) -> bool:
+    """Constant time in the secret: every accepted one is compared, whatever matched."""
+    given = (secret or "").encode()
+    ok = False
+    for candidate in accepted:
+        ok |= hmac.compare_digest(given, candidate.encode())
+    return ok and secret is not None
+
+
+def _refuse(handler, message: str):
+    def abort(_request, context):
+        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(abort)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(abort)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(abort)
+    return grpc.unary_unary_rpc_method_handler(abort)
+
+
+class Guard(grpc.ServerInterceptor):
+    """Refuses calls to every service but health and reflection without an accepted secret."""
+
+    def __init__(self, accepted: list[str], what: str):
+        if not accepted:
+            raise ValueError("Guard needs at least one accepted secret")
+        self.accepted, self.what = accepted, what
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        service = details.method.lstrip("/").split("/", 1)[0]
+        if handler is None or service in OPEN_SERVICES or matches(bearer(details.invocation_metadata), self.accepted):
+            return handler
+        return _refuse(handler, f"missing or wrong {self.what} (send 'authorization: Bearer <{self.what}>')")
+
+
+class _WithSecret(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    def __init__(self, secret: str):
+        self._header = ("authorization", f"Bearer {secret}")
+
+    def _details(self, details):
+        metadata = [*(details.metadata or ()), self._header]
+        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base, metadata):
+        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
+        self.wait_for_ready, self.compression = base.wait_for_ready, base.compression
+        self.metadata = metadata
+
+
+def with_secret(ch: grpc.Channel, secret: str | None) -> grpc.Channel:
+    """The channel, sending `authorization: Bearer <secret>` on every call (unchanged if None)."""
+    return grpc.intercept_channel(ch, _WithSecret(secret)) if secret else ch
