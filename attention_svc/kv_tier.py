@@ -69,7 +69,7 @@ class RedisKVTier:
         try:
             with self.redis.pipeline(transaction=False) as pipe:
                 for k in keys:
-                    pipe.get(self.key(k.block_hash, k.kind))
+                    pipe.getex(self.key(k.block_hash, k.kind), ex=self.ttl)  # a read keeps a hot prefix alive
                 raws = pipe.execute()
         except redis.RedisError as exc:
             self._failed(exc)

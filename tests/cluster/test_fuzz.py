@@ -97,6 +97,7 @@ def generate_requests(draw):
     s.ignore_eos = draw(st.booleans())
     if draw(st.integers(0, 9)) == 0:  # a few turns of a few sessions (a session's prompt grows each turn)
         req.session_id = f"fuzz-{draw(st.integers(0, 40))}"
+        req.new_session = draw(st.booleans())  # starts one, or ALREADY_EXISTS; without it, NOT_FOUND or a turn
     req.trace_routes = draw(st.booleans())
     return req
 
