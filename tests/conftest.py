@@ -82,3 +82,13 @@ def mono(herd_home):
     from llama4.store import resolve_model
 
     return Llama4Model.load(Checkpoint(resolve_model(CLUSTER_MODEL)))
+
+
+@pytest.fixture()
+def redis_server():
+    """A private redis-server on a free loopback port, stopped after the test."""
+    from herd.redis_server import RedisServer
+
+    server = RedisServer()
+    yield server
+    server.stop()

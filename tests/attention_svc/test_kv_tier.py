@@ -17,13 +17,6 @@ from llama4.sampling import SamplingParams
 from plumbing.grpc_server import channel
 
 
-@pytest.fixture()
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
-
-
 @pytest.fixture(scope="module")
 def scout(reference_models):
     path = reference_models["tiny-scout"][1]

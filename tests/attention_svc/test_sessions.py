@@ -13,7 +13,6 @@ from attention_svc.server import build, serve
 from attention_svc.sessions import SessionConflict, SessionExists, SessionNotFound, SessionStore
 from herd.cli import main as herd_main
 from herd.client import Client
-from herd.redis_server import RedisServer
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.config import LayerKind
@@ -22,13 +21,6 @@ from plumbing.grpc_server import channel
 
 MAX_TOKENS = 6
 OTHER_MODEL = "ab" * 16
-
-
-@pytest.fixture()
-def redis_server():
-    server = RedisServer()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
