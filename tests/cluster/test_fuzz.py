@@ -28,7 +28,8 @@ MODEL = "tiny-maverick"  # as the local_cluster fixture (tests/conftest.py)
 
 PER_SERVICE = 2000
 SCALE = float(os.environ.get("HERD_FUZZ_SCALE", "1"))  # < 1 for a quick local run; CI runs all of it
-REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND}
+REFUSALS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.NOT_FOUND,
+            grpc.StatusCode.ALREADY_EXISTS}  # the last two: sessions that are missing, or exist already
 SETTINGS = dict(deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                        HealthCheck.large_base_example])
