@@ -23,7 +23,7 @@ from attention_svc.sessions import Session, SessionError, SessionStore
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, QueueFull, Request
-from llama4.errors import HerdInputError
+from llama4.errors import HerdInputError, need
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
@@ -34,6 +34,8 @@ from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 
 log = logging.getLogger("herd.attention")
 DEFAULT_MAX_TOKENS = 256
+DEFAULT_MAX_STREAMS = 256
+MAX_LABEL_CHARS = 256  # request_id and session_id: client-chosen, so bounded before they reach logs or Redis keys
 HEALTH_THREADS = 16  # server threads beyond the stream limit: health, Status, Tokenize
 
 
@@ -44,7 +46,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         self.sessions = sessions
         self.cfg = loop.engine.cfg
         self.operator_secrets: list[str] = []  # callers sending one of these see internal addresses in Status
-        self.streams = threading.BoundedSemaphore(256)  # Generate/Score calls at once (serve() sets the bound)
+        self.streams = threading.BoundedSemaphore(DEFAULT_MAX_STREAMS)  # Generate/Score at once (serve() sets it)
         self.readiness: Readiness | None = None
 
     # ---- input at the edge ----
@@ -122,6 +124,9 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
     def Generate(self, request, context):
         messages, session = None, None
         try:
+            for name in ("request_id", "session_id"):
+                value = getattr(request, name)
+                need(len(value) <= MAX_LABEL_CHARS, name, value[:32] + "...", f"at most {MAX_LABEL_CHARS} characters")
             if request.session_id:
                 if self.sessions is None:
                     raise HerdInputError("session_id needs the Redis KV tier, which this server runs without")
@@ -234,7 +239,7 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
 
 
 def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES,
-          max_streams: int = 256, api_keys: list[str] | None = None, cluster_token: str | None = None,
+          max_streams: int = DEFAULT_MAX_STREAMS, api_keys: list[str] | None = None, cluster_token: str | None = None,
           tls: tuple[bytes, bytes] | None = None):
     """Serve the public API. With api_keys, every call but health needs one of them (or the
     cluster token, which also shows operators the internal addresses in Status). Threads:

@@ -7,6 +7,7 @@ import grpc
 
 from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.errors import HerdInputError
+from plumbing.auth import API_KEY_FILE, CLUSTER_TOKEN_FILE
 from plumbing.grpc_server import channel
 
 
@@ -19,7 +20,7 @@ def default_secret(operator: bool = False) -> str | None:
 
     if os.environ.get("HERD_API_KEY") and not operator:
         return os.environ["HERD_API_KEY"]
-    for name in (("cluster-token", "api-key") if operator else ("api-key",)):
+    for name in ((CLUSTER_TOKEN_FILE, API_KEY_FILE) if operator else (API_KEY_FILE,)):
         path = Path(cache_home()) / name
         if path.exists():
             return path.read_text().strip()

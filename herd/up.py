@@ -20,13 +20,13 @@ from pathlib import Path
 from herd.deploy import DeployConfig, place_experts, worker_wait_s
 from herd.redis_server import RedisServer
 from llama4.config import ModelConfig
+from llama4.fingerprint import fingerprint, weight_files
 from llama4.store import cache_home, resolve_model
-from plumbing.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, read_secrets
+from plumbing.auth import API_KEY_FILE, API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_FILE, read_secrets
 from plumbing.grpc_server import wait_serving
 from plumbing.registry import WorkerRegistry
 
 ROOT = Path(__file__).resolve().parent.parent
-API_KEY_FILE, CLUSTER_TOKEN_FILE = "api-key", "cluster-token"
 
 
 def own_secret(name: str) -> str:
@@ -83,6 +83,9 @@ class Cluster:
         else:
             self.state_redis = RedisServer(cfg.host, maxmemory="0", policy="noeviction")
             state_url = self.state_redis.url
+        # Hash the weights once here, before the services start: they all read the cached digests
+        # instead of each hashing every byte of the checkpoint at the same time.
+        fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
         # Steps wait this long for a restarting worker (its shard reloads); the attention side waits longer.
         wait = worker_wait_s(cfg, ckpt_cfg)
         secrets_env = self._secrets()
@@ -159,9 +162,13 @@ class Cluster:
         raise RuntimeError(f"{name} service exited before listening (code {proc.poll()})")
 
     # ---- watch, restart and stop ----
+    def _redis_named(self, name: str) -> RedisServer:
+        return self.redis if name == "redis" else self.state_redis
+
     def dead_children(self) -> list[str]:
         dead = [name for name, p in self.procs.items() if p.poll() is not None]
-        for name, server in (("redis", self.redis), ("state redis", self.state_redis)):
+        for name in ("redis", "state redis"):
+            server = self._redis_named(name)
             if server is not None and server.proc.poll() is not None:
                 dead.append(name)
         return dead
@@ -174,14 +181,13 @@ class Cluster:
             count, not_before = self._restarts.get(name, (0, 0.0))
             if time.monotonic() < not_before:
                 continue
-            code = (self.procs[name].poll() if name in self.procs else
-                    (self.redis if name == "redis" else self.state_redis).proc.poll())
+            code = (self.procs[name] if name in self.procs else self._redis_named(name).proc).poll()
             try:
                 if name in self.procs:
                     argv, env, ready = self._specs[name]
                     self._spawn(name, argv, env, ready)
                 elif name == "redis":
-                    self.redis = self.redis.restarted()
+                    self.redis = self.redis.restarted()  # empty, same port and password: clients reconnect
                 else:
                     self.state_redis = self.state_redis.restarted()
                 said.append(f"herd: {name} exited (code {code}); restarted (restart {count + 1})")

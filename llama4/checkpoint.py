@@ -28,13 +28,16 @@ class Checkpoint:
         self._files = self._index()
         self._handles: dict[str, object] = {}
         self._model_prefix, self._head_prefix = self._detect_layout()
+        self._fingerprint: str | None = None
 
     def fingerprint(self) -> str:
         """Identifies exactly these weights (llama4.fingerprint): config.json and every tensor byte."""
-        from llama4.fingerprint import fingerprint
-        from llama4.store import cache_home
+        if self._fingerprint is None:
+            from llama4.fingerprint import fingerprint
+            from llama4.store import cache_home
 
-        return fingerprint(self.path, sorted(set(self._files.values())), cache_home())
+            self._fingerprint = fingerprint(self.path, sorted(set(self._files.values())), cache_home())
+        return self._fingerprint
 
     def _index(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"

@@ -220,9 +220,9 @@ class ModelConfig:
         for layer in range(self.num_hidden_layers):
             norms = 2 * h
             if self.is_moe_layer(layer):
-                router = self.num_local_experts * h
-                total += attn + norms + router + expert * (self.num_local_experts + 1)
-                active += attn + norms + router + expert * (1 + self.num_experts_per_tok)
+                gate = self.num_local_experts * h
+                total += attn + norms + gate + expert * (self.num_local_experts + 1)
+                active += attn + norms + gate + expert * (1 + self.num_experts_per_tok)
             else:
                 dense = 3 * h * self.intermediate_size_mlp
                 total += attn + norms + dense

@@ -211,8 +211,10 @@ class Engine:
         device = self.model.device
         h, routes = self.model.hidden_states(torch.tensor(work.tokens, device=device), work.plan, self.cache)
         logits = self.model.logits(h, torch.tensor(work.sample_rows, dtype=torch.long, device=device))
-        scores = self.model.token_logprobs(h, torch.tensor(work.score_rows, dtype=torch.long, device=device),
-                                           torch.tensor(work.score_targets, dtype=torch.long, device=device))
+        scores = torch.empty(0)
+        if work.score_rows:
+            scores = self.model.token_logprobs(h, torch.tensor(work.score_rows, dtype=torch.long, device=device),
+                                               torch.tensor(work.score_targets, dtype=torch.long, device=device))
         self.last_step = StepStats(len(work.batch), len(work.tokens), sum(1 for _, n in work.batch if n == 1))
         self.tokens_computed += len(work.tokens)
         return logits, scores, routes

@@ -58,6 +58,14 @@ def _store(path: Path, record: dict) -> None:
         pass  # a read-only volume: the other place keeps it
 
 
+def weight_files(folder: Path) -> list[str]:
+    """The safetensors files of a checkpoint directory (from its index, else model.safetensors)."""
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        return sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    return ["model.safetensors"]
+
+
 def fingerprint(folder: Path, files: list[str], cache_dir: Path) -> str:
     """32 hex digits identifying config.json and the given weight files of folder."""
     folder = folder.resolve()

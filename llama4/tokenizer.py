@@ -76,6 +76,8 @@ class Tokenizer:
         env.globals["raise_exception"] = _raise_template_error
         self._template = env.from_string(chat_template)
         self._trims: bool | None = None
+        # system, user and assistant, and tool or ipython where the template names them.
+        self.roles = frozenset({"system", "user", "assistant", *(r for r in ("tool", "ipython") if r in chat_template)})
 
     @property
     def vocab_size(self) -> int:
@@ -121,12 +123,6 @@ class Tokenizer:
             ids += self._backend.encode_ordinary(content.strip() if self._trims_content else content)
             pos = found.end()
         return ids + self._backend.encode(rendered[pos:])
-
-    @property
-    def roles(self) -> frozenset[str]:
-        """system, user and assistant, and tool or ipython where the template names them."""
-        extra = {r for r in ("tool", "ipython") if r in self.chat_template}
-        return frozenset({"system", "user", "assistant", *extra})
 
     @property
     def _trims_content(self) -> bool:

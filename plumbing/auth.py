@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 
 API_KEYS_ENV, CLUSTER_TOKEN_ENV = "HERD_API_KEYS", "HERD_CLUSTER_TOKEN"
+API_KEY_FILE, CLUSTER_TOKEN_FILE = "api-key", "cluster-token"  # 0600 files `herd up` keeps under the herd home
 OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
                  "grpc.reflection.v1.ServerReflection")
 
@@ -77,9 +78,8 @@ class _WithSecret(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
     def __init__(self, secret: str):
         self._header = ("authorization", f"Bearer {secret}")
 
-    def _details(self, details):
-        metadata = [*(details.metadata or ()), self._header]
-        return details._replace(metadata=metadata) if hasattr(details, "_replace") else _Details(details, metadata)
+    def _details(self, details):  # grpc passes a namedtuple
+        return details._replace(metadata=[*(details.metadata or ()), self._header])
 
     def intercept_unary_unary(self, continuation, details, request):
         return continuation(self._details(details), request)
@@ -92,13 +92,6 @@ class _WithSecret(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterc
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)
-
-
-class _Details(grpc.ClientCallDetails):
-    def __init__(self, base, metadata):
-        self.method, self.timeout, self.credentials = base.method, base.timeout, base.credentials
-        self.wait_for_ready, self.compression = base.wait_for_ready, base.compression
-        self.metadata = metadata
 
 
 def with_secret(ch: grpc.Channel, secret: str | None) -> grpc.Channel:

@@ -153,6 +153,7 @@ def test_malformed_internal_requests_are_refused(cluster, client):
     (lambda r: (r.ids.ids.extend([1, 2]), setattr(r.sampling, "temperature", float("nan"))), "temperature"),
     (lambda r: (r.ids.ids.extend([1, 2]), setattr(r.sampling, "top_p", 1.5)), "top_p"),
     (lambda r: None, "prompt is missing"),
+    (lambda r: (r.ids.ids.extend([1, 2]), setattr(r, "session_id", "s" * 300)), "session_id"),
 ])
 def test_malformed_public_requests_are_refused(client, build, needle):
     req = llama_pb2.GenerateRequest()
