@@ -7,6 +7,7 @@ from pathlib import Path
 
 from attention_svc.server import build, serve
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from llama4.quant import EXPERT_DTYPES
 from plumbing.auth import API_KEYS_ENV, CLUSTER_TOKEN_ENV, read_secrets
 from plumbing.grpc_server import MAX_MESSAGE_BYTES
 from plumbing.lifecycle import serve_until_signalled
@@ -17,6 +18,8 @@ def main() -> None:
     ap.add_argument("--model", required=True)
     ap.add_argument("--router", help="router address; without it the experts run in-process")
     ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    ap.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+                    help="how routed experts are held (in-process, or by the router's workers)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
@@ -41,7 +44,8 @@ def main() -> None:
     state_url = None if args.no_kv_tier else os.environ.get("HERD_STATE_REDIS_URL")
     token = os.environ.get(CLUSTER_TOKEN_ENV) or None
     servicer, _ = build(args.model, args.router, torch_dtype(args.dtype), args.device, json.loads(args.batching),
-                        args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes, state_url, token)
+                        args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes, state_url, token,
+                        args.expert_dtype)
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
     server, port = serve(servicer, args.host, args.port, args.max_message_bytes, args.max_streams,
                          read_secrets(API_KEYS_ENV), token, tls)

@@ -26,6 +26,7 @@ from llama4.engine import Engine, QueueFull, Request
 from llama4.errors import HerdInputError, need
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
+from llama4.quant import serving_fingerprint
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer, Tokenizer
 from llama4.weights import DenseWeights
@@ -211,23 +212,25 @@ def _messages(chat: llama_pb2.ChatMessages) -> list[dict]:
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
           route_timeout: float = 60.0, redis_url: str | None = None, kv_ttl_s: int = 3600,
           max_message_bytes: int = MAX_MESSAGE_BYTES, state_redis_url: str | None = None,
-          cluster_token: str | None = None) -> tuple[LlamaServicer, RemoteMoE | None]:
+          cluster_token: str | None = None, expert_dtype: str = "auto") -> tuple[LlamaServicer, RemoteMoE | None]:
     """redis_url: the KV tier's cache; state_redis_url: sessions (default: redis_url).
-    cluster_token: sent to the router. The router must serve the same model (fingerprint)."""
+    cluster_token: sent to the router. The router must serve the same model (fingerprint), experts held
+    as expert_dtype (llama4.quant): KV computed with other experts is another model's KV."""
     ckpt = Checkpoint(model_path)
+    ours = serving_fingerprint(ckpt.fingerprint(), expert_dtype, ckpt.stored_fp8)
     moe = RemoteMoE(router_address, route_timeout, max_message_bytes, cluster_token) if router_address else None
     if moe is not None:
-        theirs, ours = moe.router_status().fingerprint, ckpt.fingerprint()
+        theirs = moe.router_status().fingerprint
         if theirs != ours:
             raise HerdInputError(f"router at {router_address} serves model {theirs or 'unknown'}; "
                                  f"this attention service loaded model {ours} from {model_path}")
     if moe is None:
-        model = Llama4Model.load(ckpt, dtype, device)
+        model = Llama4Model.load(ckpt, dtype, device, expert_dtype=expert_dtype)
     else:
         model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
     tier, sessions = None, None
     if redis_url:
-        fingerprint = ckpt.fingerprint()
+        fingerprint = ours
         tier = RedisKVTier(redis_url, fingerprint, ckpt.config, dtype,
                            batching.get("block_size", DEFAULT_BLOCK_SIZE), ttl_s=kv_ttl_s)
         state = redis.Redis.from_url(state_redis_url, socket_timeout=1.0, socket_connect_timeout=1.0) \

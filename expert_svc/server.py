@@ -13,20 +13,25 @@ import torch
 from herdpb import expert_pb2, expert_pb2_grpc
 from kernels import grouped_expert_ffn
 from llama4.checkpoint import Checkpoint
-from llama4.weights import load_experts
+from llama4.quant import serving_fingerprint
+from llama4.weights import expert_bytes, load_experts
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
-    def __init__(self, ckpt: Checkpoint, experts: list[int], dtype: torch.dtype, device: str):
+    def __init__(self, ckpt: Checkpoint, experts: list[int], dtype: torch.dtype, device: str,
+                 expert_dtype: str = "auto"):
         self.cfg, self.dtype, self.device = ckpt.config, dtype, device
-        self.fingerprint = ckpt.fingerprint()  # published with the address: the router checks it
+        ckpt.check_experts()  # every worker refuses a bad checkpoint at once, not only the one holding the bad expert
+        # Published with the address: the router refuses workers serving other weights or other expert dtypes.
+        self.fingerprint = serving_fingerprint(ckpt.fingerprint(), expert_dtype, ckpt.stored_fp8)
         self.experts = sorted(experts)
         # Global expert id -> index in this worker's weights, -1 for experts it does not hold.
         self.global_to_local = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
         self.global_to_local[self.experts] = torch.arange(len(self.experts))
-        self.weights = load_experts(ckpt, self.experts, dtype, device)
+        self.weights = load_experts(ckpt, self.experts, dtype, device, expert_dtype)
+        self.expert_bytes = expert_bytes(self.weights)  # resident bytes by storage dtype, for herd status
         self.rows_served = 0
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
 
@@ -63,9 +68,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
 
 
 def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, host: str = "127.0.0.1", port: int = 0,
-          max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
+          max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None, expert_dtype: str = "auto"):
     """token: the cluster token every caller (the router) must send."""
-    servicer = ExpertServicer(Checkpoint(model_path), experts, dtype, device)
+    servicer = ExpertServicer(Checkpoint(model_path), experts, dtype, device, expert_dtype)
     server, bound, _ = start_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s),
                                     ["herd.v1.ExpertWorker"], host=host, port=port,
                                     max_message_bytes=max_message_bytes, secrets=[token] if token else None,

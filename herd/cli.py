@@ -7,6 +7,7 @@ import sys
 import time
 
 from llama4.errors import HerdInputError
+from llama4.quant import EXPERT_DTYPES
 from llama4.store import DEFAULT_MODEL
 
 EXIT_USAGE = 2
@@ -42,7 +43,7 @@ def _load_local(args):
     path = resolve_model(args.model)
     ckpt = Checkpoint(path)
     tok = Tokenizer.for_checkpoint(path, ckpt.config.eos_token_id)
-    model = Llama4Model.load(ckpt, dtype, args.device)
+    model = Llama4Model.load(ckpt, dtype, args.device, expert_dtype=args.expert_dtype)
     return Engine(model), tok
 
 
@@ -146,8 +147,9 @@ def cmd_status(args) -> int:
         if w.refused:
             print(f"  worker {w.index} {w.address} REFUSED: {w.refused}")
             continue
+        held = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in sorted(w.expert_bytes.items()))
         print(f"  worker {w.index} {w.address} {'SERVING' if w.healthy else 'UNAVAILABLE'} experts {list(w.experts)} "
-              f"rpcs {w.rpcs} rows {w.rows}")
+              f"rpcs {w.rpcs} rows {w.rows} expert memory: {held or 'unknown'}")
     for load in r.loads:
         print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
     kv = st.kv_tier
@@ -167,7 +169,7 @@ def cmd_up(args) -> int:
     from plumbing.lifecycle import stop_on_signals
 
     stop = stop_on_signals()  # a signal during start-up stops the cluster once it is up
-    cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers)
+    cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers, expert_dtype=args.expert_dtype)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     cluster = Cluster(cfg, log=log)
     try:
@@ -264,6 +266,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="checkpoint directory or preset name")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", default="float32", help="compute dtype: float32 (CPU), bfloat16 (GPU)")
+    p.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
+                   help="how routed experts are held: as stored (auto), in the compute dtype, or fp8/int8/int4")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -298,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--config", help="deployment YAML (every field has a local default)")
     u.add_argument("--model", help="override the config's model")
     u.add_argument("--workers", type=int, help="override the number of expert workers")
+    u.add_argument("--expert-dtype", choices=EXPERT_DTYPES, help="override the config's expert_dtype")
     u.add_argument("--prompt", help="send this chat prompt, print the answer and a summary, then stop")
     u.set_defaults(func=cmd_up)
 

@@ -16,6 +16,7 @@ from llama4.config import ModelConfig
 from llama4.dtypes import DTYPE_NAMES
 from llama4.errors import HerdInputError
 from llama4.errors import need as _need
+from llama4.quant import EXPERT_DTYPES
 from llama4.store import DEFAULT_MODEL
 
 PLACEMENTS = ("contiguous", "round-robin")
@@ -37,6 +38,9 @@ class DeployConfig:
     model: str = DEFAULT_MODEL  # checkpoint directory, embedded model or preset
     device: str = "cpu"
     dtype: str = "float32"  # float32 on CPU, bfloat16 on GPU
+    # How expert workers hold routed experts: auto (as stored: FP8 checkpoints stay FP8), compute (the
+    # compute dtype), or quantized at load: fp8, int8 (per channel), int4 (per group of 128/64/32 inputs).
+    expert_dtype: str = "auto"
     workers: int = 4  # expert workers (Ray actors)
     placement: str = "contiguous"
     replicas: int = 1  # workers holding each expert: >1 survives a worker's death without waiting
@@ -67,6 +71,7 @@ class DeployConfig:
     def validate(self) -> None:
         need = functools.partial(_need, where="config")
         need(self.dtype in DTYPE_NAMES, "dtype", self.dtype, ", ".join(DTYPE_NAMES))
+        need(self.expert_dtype in EXPERT_DTYPES, "expert_dtype", self.expert_dtype, ", ".join(EXPERT_DTYPES))
         need(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "cpu or cuda[:N]")
         need(isinstance(self.workers, int) and self.workers >= 1, "workers", self.workers, "an integer >= 1")
         need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))
@@ -142,7 +147,8 @@ def worker_wait_s(cfg: DeployConfig, model: ModelConfig) -> float:
     time to read one worker's shard of routed experts at SHARD_READ_BYTES_PER_S, plus 30 s."""
     if cfg.worker_wait_s is not None:
         return cfg.worker_wait_s
+    # The compute dtype's size, even for quantized experts: a shard is read as stored and quantized on load.
     itemsize = 4 if cfg.dtype == "float32" else 2
-    expert_bytes = len(model.moe_layers) * model.num_local_experts * 3 * model.hidden_size * model.intermediate_size
-    shard = expert_bytes * itemsize * cfg.replicas / cfg.workers
+    expert_params = len(model.moe_layers) * model.num_local_experts * 3 * model.hidden_size * model.intermediate_size
+    shard = expert_params * itemsize * cfg.replicas / cfg.workers
     return 30.0 + shard / SHARD_READ_BYTES_PER_S

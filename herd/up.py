@@ -20,6 +20,7 @@ from pathlib import Path
 from herd.deploy import DeployConfig, place_experts, worker_wait_s
 from herd.redis_server import RedisServer
 from llama4.config import ModelConfig
+from llama4.errors import HerdInputError
 from llama4.fingerprint import fingerprint, weight_files
 from llama4.store import cache_home, resolve_model
 from plumbing.auth import API_KEY_FILE, API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_FILE, read_secrets
@@ -98,7 +99,8 @@ class Cluster:
         env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
                "PYTHONPATH": str(ROOT)}
         self.router_address = self._spawn("router", [
-            "-m", "router_svc", "--model", model_path, "--dtype", cfg.dtype, "--host", cfg.host,
+            "-m", "router_svc", "--model", model_path, "--dtype", cfg.dtype, "--expert-dtype", cfg.expert_dtype,
+            "--host", cfg.host,
             "--port", str(cfg.router_port), "--cluster", cfg.cluster,
             "--max-message-bytes", str(cfg.max_message_bytes), "--worker-wait", str(wait)],
             env, "ROUTER_LISTENING")
@@ -106,6 +108,7 @@ class Cluster:
         batching = json.dumps(vars(cfg.batching))
         self.attention_address = self._spawn("attention", [
             "-m", "attention_svc", "--model", model_path, "--router", self.router_address, "--dtype", cfg.dtype,
+            "--expert-dtype", cfg.expert_dtype,
             "--device", cfg.device, "--host", cfg.host, "--port", str(cfg.attention_port), "--batching", batching,
             "--route-timeout", str(max(cfg.route_timeout_s, wait + 10)), "--kv-ttl", str(cfg.kv_ttl_s),
             "--max-message-bytes", str(cfg.max_message_bytes), "--drain", str(cfg.drain_timeout_s),
@@ -251,8 +254,11 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
         opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker)
         actors.append(ExpertWorker.options(**opts).remote(
             i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads,
-            cfg.max_message_bytes))
+            cfg.max_message_bytes, cfg.expert_dtype))
     infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)
+    for info in infos:
+        if info.get("error"):
+            raise HerdInputError(f"expert-worker-{info['index']}: {info['error']}")
     for info in infos:
         wait_serving(info["address"], cfg.startup_timeout_s)
     return actors, infos

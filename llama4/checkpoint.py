@@ -2,12 +2,15 @@
 
 Names passed in are relative to the text model ("layers.3.self_attn.q_proj.weight",
 "embed_tokens.weight", "lm_head.weight"); both the text-only (`model.`) and the multimodal
-wrapper (`language_model.model.`) layouts resolve. An expert is read as a slice of the fused
-expert tensors, so a worker never reads other experts' bytes.
+wrapper (`language_model.model.`) layouts resolve. Routed experts come fused (HF's
+`experts.gate_up_proj` [E, H, 2I]) or unfused, one set of nn.Linear weights per expert (the
+layout of Meta's FP8 release, where they are E4M3 with per-row scales); either way an expert
+is read on its own, so a worker never reads other experts' bytes.
 """
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,8 +18,25 @@ from safetensors import safe_open
 
 from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
+from llama4.quant import QuantSpec
 
 _LAYOUTS = (("model.", "lm_head."), ("language_model.model.", "language_model.lm_head."))
+FUSED, UNFUSED = "fused", "unfused"
+_FP8 = "F8_E4M3"
+_UNFUSED_MATRICES = ("gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class StoredWeight:
+    """One expert matrix as stored: w [out, in] in its stored dtype, scale [out] fp32 for FP8 (else None)."""
+
+    w: torch.Tensor
+    scale: torch.Tensor | None
+
+    def dequantized(self) -> torch.Tensor:
+        """fp32 [out, in]; FP8 scales multiply in fp32 (a bf16 product moves log-probabilities by ~4e-2)."""
+        w = self.w.float()
+        return w if self.scale is None else w * self.scale[:, None]
 
 
 class Checkpoint:
@@ -29,6 +49,14 @@ class Checkpoint:
         self._handles: dict[str, object] = {}
         self._model_prefix, self._head_prefix = self._detect_layout()
         self._fingerprint: str | None = None
+        self.quant = QuantSpec.read(json.loads((self.path / "config.json").read_text()).get("quantization_config"))
+        if self.quant:
+            self.quant.check_ignore(set(self._files))
+        self.expert_layout = self._detect_expert_layout()
+        self.stored_fp8 = self._experts_stored_fp8()
+        if self.stored_fp8 and not self.quant:
+            raise HerdInputError("checkpoint: routed experts are stored as F8_E4M3 but config.json has no "
+                                 "quantization_config saying how to read them")
 
     def fingerprint(self) -> str:
         """Identifies exactly these weights (llama4.fingerprint): config.json and every tensor byte."""
@@ -61,6 +89,28 @@ class Checkpoint:
         raise HerdInputError(
             f"checkpoint: {self.path} has no embed_tokens.weight under 'model.' or 'language_model.model.'")
 
+    def _detect_expert_layout(self) -> str:
+        moe = self.config.moe_layer_list
+        if not moe:
+            return FUSED
+        p = f"{self._model_prefix}layers.{moe[0]}.feed_forward.experts."
+        if p + "gate_up_proj" in self._files:
+            return FUSED
+        if p + "0.gate_proj.weight" in self._files:
+            return UNFUSED
+        raise HerdInputError(f"checkpoint: {self.path} has neither {p}gate_up_proj (fused experts) "
+                             f"nor {p}0.gate_proj.weight (one set of weights per expert)")
+
+    def _dtype(self, name: str) -> str:
+        full, sl = self._slice(name)
+        return sl.get_dtype()
+
+    def _experts_stored_fp8(self) -> bool:
+        moe = self.config.moe_layer_list
+        if not moe or self.expert_layout == FUSED:
+            return bool(moe) and self._dtype(f"layers.{moe[0]}.feed_forward.experts.gate_up_proj") == _FP8
+        return self._dtype(f"layers.{moe[0]}.feed_forward.experts.0.gate_proj.weight") == _FP8
+
     def _handle(self, filename: str):
         if filename not in self._handles:
             file = self.path / filename
@@ -88,25 +138,74 @@ class Checkpoint:
                device: str | torch.device = "cpu") -> torch.Tensor:
         full, sl = self._slice(name)
         self._check_shape(full, sl.get_shape(), shape)
+        if sl.get_dtype() == _FP8:  # a cast would drop its scale: refuse rather than compute wrong numbers
+            raise HerdInputError(f"checkpoint: tensor {full!r} is stored as {_FP8}; herd reads FP8 weights only "
+                                 "for routed experts (list this module in quantization_config.ignore)")
         return sl[:].to(device=device, dtype=dtype)
 
-    def experts(self, name: str, expert_ids: list[int], shape: tuple[int, ...], dtype: torch.dtype,
-                device: str | torch.device = "cpu") -> torch.Tensor:
-        """Rows expert_ids of a fused [E, ...] expert tensor, read one contiguous run at a time."""
-        full, sl = self._slice(name)
+    def expert_weights(self, layer: int, expert: int) -> tuple[StoredWeight, StoredWeight]:
+        """(gate_up [2I, H], down [H, I]) of one expert as stored, [out, in] (nn.Linear) orientation."""
+        cfg = self.config
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        p = f"layers.{layer}.feed_forward.experts."
+        if self.expert_layout == FUSED:
+            parts = []
+            for name, shape in ((p + "gate_up_proj", (cfg.num_local_experts, h, 2 * i)),
+                                (p + "down_proj", (cfg.num_local_experts, i, h))):
+                full, sl = self._slice(name)
+                self._check_shape(full, sl.get_shape(), shape)
+                if sl.get_dtype() == _FP8:
+                    raise HerdInputError(f"checkpoint: fused expert tensor {full!r} is {_FP8}; herd reads FP8 "
+                                         "experts in the unfused per-expert layout (with weight_scale)")
+                parts.append(StoredWeight(sl[expert : expert + 1][0].t(), None))
+            return parts[0], parts[1]
+        gate, up, down = (self._unfused(p + f"{expert}.{m}", shape)
+                          for m, shape in zip(_UNFUSED_MATRICES, ((i, h), (i, h), (h, i)), strict=True))
+        scale = None if gate.scale is None else torch.cat([gate.scale, up.scale])
+        if (gate.scale is None) != (up.scale is None):
+            raise HerdInputError(f"checkpoint: {self.full_name(p)}{expert}: gate_proj and up_proj differ in dtype")
+        return StoredWeight(torch.cat([gate.w, up.w]), scale), down
+
+    def _unfused(self, name: str, shape: tuple[int, int]) -> StoredWeight:
+        full, sl = self._slice(name + ".weight")
         self._check_shape(full, sl.get_shape(), shape)
-        parts, ids = [], sorted(expert_ids)
-        if ids != list(expert_ids):
-            raise HerdInputError(f"checkpoint: expert ids must be ascending, got {expert_ids}")
-        start = 0
-        while start < len(ids):
-            end = start
-            while end + 1 < len(ids) and ids[end + 1] == ids[end] + 1:
-                end += 1
-            parts.append(sl[ids[start] : ids[end] + 1])
-            start = end + 1
-        stacked = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return stacked.to(device=device, dtype=dtype)
+        if sl.get_dtype() != _FP8:
+            return StoredWeight(sl[:], None)
+        scale_name = self.full_name(name + ".weight_scale")
+        if scale_name not in self._files:
+            raise HerdInputError(f"checkpoint: tensor {full!r} is {_FP8} but its scale {scale_name!r} is missing")
+        _, scale = self._slice(name + ".weight_scale")
+        self._check_shape(scale_name, scale.get_shape(), (shape[0], 1))
+        return StoredWeight(sl[:], scale[:].float().reshape(-1))
+
+    def check_experts(self) -> None:
+        """Every routed-expert tensor (and FP8 scale) exists with its shape, read from headers only:
+        a bad expert fails the start, not the one worker that would have loaded it."""
+        cfg = self.config
+        h, i = cfg.hidden_size, cfg.intermediate_size
+        for l in cfg.moe_layer_list:
+            p = f"layers.{l}.feed_forward.experts."
+            if self.expert_layout == FUSED:
+                for name, shape in ((p + "gate_up_proj", (cfg.num_local_experts, h, 2 * i)),
+                                    (p + "down_proj", (cfg.num_local_experts, i, h))):
+                    full, sl = self._slice(name)
+                    self._check_shape(full, sl.get_shape(), shape)
+                continue
+            for e in range(cfg.num_local_experts):
+                for m, shape in zip(_UNFUSED_MATRICES, ((i, h), (i, h), (h, i)), strict=True):
+                    full, sl = self._slice(f"{p}{e}.{m}.weight")
+                    self._check_shape(full, sl.get_shape(), shape)
+                    if (sl.get_dtype() == _FP8) != self.stored_fp8:
+                        want = _FP8 if self.stored_fp8 else "unquantized"
+                        raise HerdInputError(f"checkpoint: tensor {full!r} is {sl.get_dtype()}; every routed "
+                                             f"expert must be stored alike ({want})")
+                    if self.stored_fp8:
+                        scale_name = self.full_name(f"{p}{e}.{m}.weight_scale")
+                        if scale_name not in self._files:
+                            raise HerdInputError(f"checkpoint: tensor {full!r} is {_FP8} but its scale "
+                                                 f"{scale_name!r} is missing")
+                        _, sc = self._slice(f"{p}{e}.{m}.weight_scale")
+                        self._check_shape(scale_name, sc.get_shape(), (shape[0], 1))
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor],

@@ -128,11 +128,7 @@ class ModelConfig:
     # ---- reading and writing HF config.json ----
     @classmethod
     def from_hf_dict(cls, raw: dict, name: str = "") -> ModelConfig:
-        if raw.get("quantization_config"):
-            method = raw["quantization_config"].get("quant_method", "unknown")
-            raise HerdInputError(
-                f"config.json: quantization_config.quant_method={method!r} is not supported yet; "
-                "allowed: an unquantized (bf16/fp16/fp32) checkpoint")
+        # A quantization_config is the checkpoint's business (llama4.quant): the shape is the same.
         model_type = raw.get("model_type")
         if model_type == "llama4":
             text = raw.get("text_config")

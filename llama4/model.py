@@ -27,11 +27,13 @@ class Llama4Model:
 
     @classmethod
     def load(cls, ckpt: Checkpoint, dtype: torch.dtype = torch.float32, device: str = "cpu",
-             moe: MoEBackend | None = None) -> Llama4Model:
-        """moe=None loads every gate and expert here (monolithic)."""
+             moe: MoEBackend | None = None, expert_dtype: str = "auto") -> Llama4Model:
+        """moe=None loads every gate and expert here (monolithic), held as `expert_dtype` (llama4.quant)."""
         if moe is None:
+            ckpt.check_experts()
             all_experts = list(range(ckpt.config.num_local_experts))
-            moe = LocalMoE(load_gates(ckpt, dtype, device), load_experts(ckpt, all_experts, dtype, device))
+            moe = LocalMoE(load_gates(ckpt, dtype, device),
+                           load_experts(ckpt, all_experts, dtype, device, expert_dtype))
         return cls(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
 
     def new_cache(self, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE,

@@ -55,7 +55,7 @@ class LocalMoE:
 
     def __init__(self, gates: dict[int, torch.Tensor], experts: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.gates = gates  # layer -> [E, H]
-        self.experts = experts  # layer -> (w13 [E, H, 2I], w2 [E, I, H])
+        self.experts = experts  # layer -> (w13, w2): expert banks (kernels.quant) or [E, H, 2I], [E, I, H]
         self.tokens_per_expert = {l: torch.zeros(g.shape[0], dtype=torch.long) for l, g in gates.items()}
 
     def submit(self, layer: int, x: torch.Tensor) -> PendingRouted:

@@ -9,8 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from llama4.checkpoint import Checkpoint
+from kernels.quant import DenseBank, build_bank, choose_kernel, quantize
+from llama4.checkpoint import Checkpoint, StoredWeight
 from llama4.config import ModelConfig
+from llama4.errors import HerdInputError
+from llama4.quant import int4_group, resolve_expert_dtype
+
+ExpertBank = DenseBank  # or any kernels.quant bank: mm(e, rows) and nbytes()
 
 GATE = "feed_forward.router.weight"  # [E, H]: the MoE gate (HF names it the router)
 GATE_UP = "feed_forward.experts.gate_up_proj"  # [E, H, 2I], [in, out], gate | up concatenated
@@ -101,17 +106,58 @@ def load_gates(ckpt: Checkpoint, dtype: torch.dtype, device: str) -> dict[int, t
             for l in cfg.moe_layer_list}
 
 
-def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype,
-                 device: str) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (w13 [e, H, 2I], w2 [e, I, H])} for just the given experts of every MoE layer."""
+def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype, device: str,
+                 expert_dtype: str = "auto") -> dict[int, tuple[ExpertBank, ExpertBank]]:
+    """{layer: (w13, w2)} expert banks (kernels.quant) for just the given experts of every MoE layer.
+
+    Experts are read and converted one at a time, so quantizing at load never holds more than
+    one expert in fp32 beyond the result.
+    """
+    resolved = resolve_expert_dtype(expert_dtype, ckpt.stored_fp8)
+    kind, group = resolved.split("-g")[0], int4_group(resolved)
     cfg = ckpt.config
-    specs = expert_specs(cfg)
+    for width in (cfg.hidden_size, cfg.intermediate_size):
+        if kind == "int4" and width % group:
+            raise HerdInputError(f"expert_dtype={expert_dtype!r} needs expert input widths divisible by {group}; "
+                                 f"this model has hidden_size={cfg.hidden_size}, "
+                                 f"intermediate_size={cfg.intermediate_size}")
     out = {}
     for l in cfg.moe_layer_list:
-        gu, dn = layer_prefix(l) + GATE_UP, layer_prefix(l) + DOWN
-        out[l] = (ckpt.experts(gu, expert_ids, specs[gu], dtype, device),
-                  ckpt.experts(dn, expert_ids, specs[dn], dtype, device))
+        w13_parts, w2_parts = [], []
+        for e in expert_ids:
+            gate_up, down = ckpt.expert_weights(l, e)
+            w13_parts.append(_held(kind, group, gate_up, dtype, device))
+            w2_parts.append(_held(kind, group, down, dtype, device))
+        out[l] = (_bank(kind, group, w13_parts, gate_up.w.shape, dtype, device),
+                  _bank(kind, group, w2_parts, down.w.shape, dtype, device))
     return out
+
+
+def _held(kind: str, group: int, stored: StoredWeight, dtype: torch.dtype, device: str):
+    """One expert matrix as the bank of `kind` holds it."""
+    if kind == "fp8" and stored.scale is not None:
+        return stored.w.to(device), stored.scale.to(device)  # the stored bytes, kept as they are
+    stored = StoredWeight(stored.w.to(device), None if stored.scale is None else stored.scale.to(device))
+    if kind == "compute":
+        return stored.dequantized().t().to(dtype)  # herd's [in, out]
+    return quantize(kind, stored.dequantized(), group)  # on the device: a GPU quantizes far faster
+
+
+def _bank(kind: str, group: int, parts: list, shape: torch.Size, dtype: torch.dtype, device: str) -> ExpertBank:
+    if kind == "compute":
+        return DenseBank(torch.stack(parts))
+    n, k = shape
+    return build_bank(kind, parts, kernel=choose_kernel(kind, n, k, device, dtype, group)[0])
+
+
+def expert_bytes(banks: dict[int, tuple[ExpertBank, ExpertBank]]) -> dict[str, int]:
+    """Resident bytes of these expert banks by storage dtype (weights and their scales)."""
+    total: dict[str, int] = {}
+    for pair in banks.values():
+        for bank in pair:
+            for key, n in bank.nbytes().items():
+                total[key] = total.get(key, 0) + n
+    return total
 
 
 def random_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:

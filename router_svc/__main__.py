@@ -4,6 +4,7 @@ import logging
 import os
 
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
+from llama4.quant import EXPERT_DTYPES
 from plumbing.auth import CLUSTER_TOKEN_ENV
 from plumbing.grpc_server import MAX_MESSAGE_BYTES
 from plumbing.lifecycle import serve_until_signalled
@@ -14,6 +15,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="router_svc")
     ap.add_argument("--model", required=True)
     ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
+    ap.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES, help="how the workers hold experts")
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--cluster", default="herd")
@@ -30,7 +32,8 @@ def main() -> None:
     redis_url = os.environ.get("HERD_STATE_REDIS_URL") or os.environ["HERD_REDIS_URL"]
     server, port, _ = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port,
                             wait_for_workers=max(120.0, args.worker_wait), max_message_bytes=args.max_message_bytes,
-                            worker_timeout=args.worker_wait, token=os.environ.get(CLUSTER_TOKEN_ENV) or None)
+                            worker_timeout=args.worker_wait, token=os.environ.get(CLUSTER_TOKEN_ENV) or None,
+                            expert_dtype=args.expert_dtype)
     print(f"ROUTER_LISTENING {args.host}:{port}", flush=True)
     serve_until_signalled(server)
 

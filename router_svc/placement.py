@@ -37,6 +37,7 @@ class Worker:
         self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
         self.stream = Duplex(self.stub.RunExpertsStream)
         self.rpcs = self.rows = 0
+        self.expert_bytes: dict[str, int] = {}  # resident routed-expert bytes by storage dtype, as published
         self.healthy = True
         self.down_since = 0.0
 
@@ -96,6 +97,7 @@ class Placement:
                         log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
                     self.workers[index] = Worker(index, info["address"], info["experts"], self.max_message_bytes,
                                                  self.token)
+                self.workers[index].expert_bytes = dict(info.get("expert_bytes") or {})
             replicas: dict[int, list[int]] = {}
             for index, worker in sorted(self.workers.items()):
                 for e in worker.experts:

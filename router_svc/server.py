@@ -18,6 +18,7 @@ import torch
 from herdpb import expert_pb2, router_pb2, router_pb2_grpc
 from kernels import route_top1
 from llama4.checkpoint import Checkpoint
+from llama4.quant import serving_fingerprint
 from llama4.weights import load_gates
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure, start_server
 from plumbing.registry import WorkerRegistry
@@ -30,10 +31,10 @@ RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, registry: WorkerRegistry, worker_timeout: float = 30.0,
-                 max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
+                 max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None, expert_dtype: str = "auto"):
         self.cfg, self.dtype = ckpt.config, dtype
         self.gates = load_gates(ckpt, dtype, "cpu")  # layer -> [E, H]
-        self.fingerprint = ckpt.fingerprint()
+        self.fingerprint = serving_fingerprint(ckpt.fingerprint(), expert_dtype, ckpt.stored_fp8)
         self.placement = Placement(registry, self.cfg.num_local_experts, max_message_bytes, self.fingerprint, token)
         self.worker_timeout = worker_timeout
         self.tokens_per_expert = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.gates}
@@ -126,7 +127,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                          fingerprint=self.fingerprint)
         for w in sorted(self.placement.workers.values(), key=lambda w: w.index):
             status.workers.add(index=w.index, address=w.address, experts=w.experts, healthy=w.healthy,
-                               rpcs=w.rpcs, rows=w.rows)
+                               rpcs=w.rpcs, rows=w.rows, expert_bytes=w.expert_bytes)
         for index, (address, why) in sorted(self.placement.refused.items()):
             status.workers.add(index=index, address=address, healthy=False, refused=why)
         for layer, counts in sorted(self.tokens_per_expert.items()):
@@ -136,10 +137,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, host: str = "127.0.0.1", port: int = 0,
           wait_for_workers: float = 120.0, max_message_bytes: int = MAX_MESSAGE_BYTES, worker_timeout: float = 30.0,
-          token: str | None = None):
-    """token: the cluster token; callers of the router must send it, and it is sent to the workers."""
+          token: str | None = None, expert_dtype: str = "auto"):
+    """token: the cluster token; callers of the router must send it, and it is sent to the workers.
+    expert_dtype: how the workers hold experts (part of the fingerprint they must match)."""
     servicer = RouterServicer(Checkpoint(model_path), dtype, WorkerRegistry(redis_url, cluster),
-                              worker_timeout=worker_timeout, max_message_bytes=max_message_bytes, token=token)
+                              worker_timeout=worker_timeout, max_message_bytes=max_message_bytes, token=token,
+                              expert_dtype=expert_dtype)
     servicer.placement.wait_for_experts(wait_for_workers)
     server, bound, health_servicer = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
                                                   ["herd.v1.Router"], host=host, port=port,

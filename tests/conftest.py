@@ -92,3 +92,119 @@ def redis_server():
     server = RedisServer()
     yield server
     server.stop()
+
+
+def _linear_tree(weights: dict[str, torch.Tensor]) -> torch.nn.Module:
+    """nn.Linear modules at the given weight names ("a.b.c.weight" -> module a.b.c), nothing else."""
+    root = torch.nn.Module()
+    for name, w in weights.items():
+        *path, leaf = name.removesuffix(".weight").split(".")
+        parent = root
+        for part in path:
+            if not hasattr(parent, part):
+                parent.add_module(part, torch.nn.Module())
+            parent = getattr(parent, part)
+        linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+        linear.weight.data.copy_(w)
+        parent.add_module(leaf, linear)
+    return root
+
+
+def unfused_experts(tensors: dict[str, torch.Tensor], cfg: ModelConfig, prefix: str = "model.") -> dict:
+    """HF fused expert tensors -> one nn.Linear-oriented gate/up/down weight per expert (Meta's release layout)."""
+    out, i = {}, cfg.intermediate_size
+    for name, t in tensors.items():
+        if name.endswith("experts.gate_up_proj"):
+            base = name.removesuffix("gate_up_proj")
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"] = t[e, :, :i].T.contiguous()
+                out[f"{base}{e}.up_proj.weight"] = t[e, :, i:].T.contiguous()
+        elif name.endswith("experts.down_proj"):
+            base = name.removesuffix("down_proj")
+            for e in range(t.shape[0]):
+                out[f"{base}{e}.down_proj.weight"] = t[e].T.contiguous()
+        else:
+            out[name] = t
+    return out
+
+
+def write_fp8_checkpoint(hf_model, out: Path, shards: int = 2) -> dict[str, torch.Tensor]:
+    """Meta's Maverick FP8 release layout, written by compressed-tensors itself from a bf16 model:
+    the multimodal wrapper, routed experts unfused in F8_E4M3 with per-row bf16 weight_scale, every
+    other Linear named in `ignore` and kept bf16, shards that split a layer's experts.
+    Returns the fp32 text-model tensors (HF fused names) those bytes dequantize to exactly."""
+    import json
+
+    from compressed_tensors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig.from_hf_dict(hf_model.config.to_dict())
+    bf16 = {("language_model." + k): v.detach().to(torch.bfloat16) for k, v in hf_model.state_dict().items()}
+    tensors = unfused_experts(bf16, cfg, "language_model.model.")
+    linear = {k: v for k, v in tensors.items() if v.ndim == 2 and "embed_tokens" not in k}
+    tree = _linear_tree(linear)
+    ignore = sorted(k.removesuffix(".weight") for k in linear if ".feed_forward.experts." not in k)
+    qcfg = QuantizationConfig.model_validate({
+        "config_groups": {"group_0": {
+            "targets": ["Linear"],
+            "weights": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel", "dynamic": False},
+            "input_activations": {"num_bits": 8, "type": "float", "symmetric": True, "strategy": "token",
+                                  "dynamic": True}}},
+        "ignore": ignore, "format": "float-quantized"})
+    apply_quantization_config(tree, qcfg, show_progress=False)
+    for module in tree.modules():  # the minmax observer: one scale per output row
+        scheme = getattr(module, "quantization_scheme", None)
+        if scheme is not None and hasattr(module, "weight_scale"):
+            w = module.weight.data
+            scale, zero = calculate_qparams(w.amin(1, keepdim=True), w.amax(1, keepdim=True), scheme.weights)
+            module.weight_scale.data.copy_(scale)
+            module.weight_zero_point.data.copy_(zero)
+    compressor = ModelCompressor.from_pretrained_model(tree)
+    compressor.compress_model(tree)
+    stored = {**{k: v for k, v in tensors.items() if k not in linear}, **tree.state_dict()}
+    stored = {k: v.contiguous() for k, v in stored.items() if not k.endswith("zero_point")}
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = sorted(stored)
+    per = -(-len(names) // shards)
+    weight_map = {}
+    for s in range(shards):
+        file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+        part = {k: stored[k] for k in names[s * per : (s + 1) * per]}
+        save_file(part, out / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, file))
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    text = {**cfg.to_hf_dict(), "model_type": "llama4_text"}
+    wrapper = {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"], "text_config": text}
+    (out / "config.json").write_text(json.dumps(wrapper))
+    compressor.update_config(str(out))
+
+    # What those bytes mean, in fp32: weight.float() * weight_scale.float(), fused back.
+    deq = {}
+    for k, v in stored.items():
+        if k.endswith("weight_scale"):
+            continue
+        scale = stored.get(k.removesuffix("weight") + "weight_scale")
+        deq[k.removeprefix("language_model.")] = v.float() * scale.float() if scale is not None else v.float()
+    fused = {}
+    for l in cfg.moe_layer_list:
+        p = f"model.layers.{l}.feed_forward.experts."
+        e_range = range(cfg.num_local_experts)
+        fused[p + "gate_up_proj"] = torch.stack([torch.cat([deq.pop(f"{p}{e}.gate_proj.weight").T,
+                                                            deq.pop(f"{p}{e}.up_proj.weight").T], dim=1)
+                                                 for e in e_range])
+        fused[p + "down_proj"] = torch.stack([deq.pop(f"{p}{e}.down_proj.weight").T for e in e_range])
+    return {**deq, **fused}
+
+
+@pytest.fixture(scope="session")
+def fp8_checkpoint(reference_models, tmp_path_factory):
+    """(checkpoint dir, transformers fp32 model on the exactly dequantized weights) for tiny-maverick in FP8."""
+    hf, _ = reference_models["tiny-maverick"]
+    path = tmp_path_factory.mktemp("tiny-maverick-fp8")
+    weights = write_fp8_checkpoint(hf, path)
+    ref = hf_reference(tiny_config("tiny-maverick"))
+    ref.load_state_dict(weights, strict=True)
+    return path, ref

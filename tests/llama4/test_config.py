@@ -60,8 +60,6 @@ def test_bench_maverick_is_maverick_shaped():
     ({"model_type": "llama4_text", "num_experts_per_tok": 2}, "num_experts_per_tok=2"),
     ({"model_type": "llama4_text", "num_key_value_heads": 7}, "num_key_value_heads=7"),
     ({"model_type": "llama4_text", "rope_scaling": {"rope_type": "yarn", "factor": 4}}, "'yarn'"),
-    ({"model_type": "llama4_text", "quantization_config": {"quant_method": "compressed-tensors"}},
-     "compressed-tensors"),
     ({"model_type": "llama4_text", "hidden_size": -5}, "hidden_size=-5"),
 ])
 def test_bad_values_name_field_and_value(raw, needle):

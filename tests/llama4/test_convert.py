@@ -111,16 +111,16 @@ def test_every_expert_gets_tokens_and_routed_experts_matter(ours):
     base = perplexity(all_logits(model, ids), ids)
     for layer, counts in model.moe.tokens_per_expert.items():
         assert (counts > 0).all(), f"layer {layer}: an expert received no tokens: {counts.tolist()}"
-    saved = {l: (w13.clone(), w2.clone()) for l, (w13, w2) in model.moe.experts.items()}
+    saved = {l: (w13.w.clone(), w2.w.clone()) for l, (w13, w2) in model.moe.experts.items()}
     try:
         for w13, w2 in model.moe.experts.values():
-            w13.zero_()
-            w2.zero_()
+            w13.w.zero_()
+            w2.w.zero_()
         zeroed = perplexity(all_logits(model, ids), ids)
     finally:
         for l, (w13, w2) in saved.items():
-            model.moe.experts[l][0].copy_(w13)
-            model.moe.experts[l][1].copy_(w2)
+            model.moe.experts[l][0].w.copy_(w13)
+            model.moe.experts[l][1].w.copy_(w2)
     assert zeroed > 1.10 * base
 
 
@@ -130,3 +130,26 @@ def test_chat_answer_names_paris(ours):
     (seq,) = Engine(model).run([Request(ids, SamplingParams(max_tokens=24))])
     assert "Paris" in tok.detokenize(seq.output_ids)
     assert CALIBRATION_TEXT not in HELD_OUT
+
+
+@pytest.mark.parametrize("kind, max_ppl_ratio, min_memory_ratio", [("int8", 1.01, 3.9), ("int4", 1.05, 6.3)])
+def test_quantized_experts_keep_perplexity_the_answer_and_shrink_memory(ours, converted, kind, max_ppl_ratio,
+                                                                        min_memory_ratio):
+    """Weight-only int8 (per channel) and int4 (per group) experts, quantized at load from fp32."""
+    from llama4.weights import expert_bytes
+
+    model, tok = ours
+    quantized = Llama4Model.load(Checkpoint(converted), expert_dtype=kind)
+    ids = tok.encode(HELD_OUT + MORE)
+    base = perplexity(all_logits(model, ids), ids)
+    ratio = perplexity(all_logits(quantized, ids), ids) / base
+    assert ratio <= max_ppl_ratio, f"{kind}: perplexity {ratio:.4f}x fp32's"
+    fp32 = sum(expert_bytes(model.moe.experts).values())
+    held = expert_bytes(quantized.moe.experts)
+    assert set(held) == {kind, "bfloat16"}  # the weights, and their scales
+    assert fp32 / sum(held.values()) >= min_memory_ratio
+    prompt = tok.apply_chat([{"role": "user", "content": "What is the capital of France?"}])
+    (want,) = Engine(model).run([Request(prompt, SamplingParams(max_tokens=24))])
+    (got,) = Engine(quantized).run([Request(prompt, SamplingParams(max_tokens=24))])
+    assert "Paris" in tok.detokenize(got.output_ids)
+    assert got.output_ids == want.output_ids
