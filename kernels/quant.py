@@ -50,9 +50,12 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     n, k = w.shape
     g = w.reshape(n, k // group, group)
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
-    scale = ((hi - lo) / 15).clamp(min=1e-12)
-    q = ((g - lo[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
-    return q, scale, lo + 8 * scale
+    # Scales and zeros are held in bf16 (the packed kernels' dtype): round them first and quantize
+    # against the rounded values, so every kernel computes the same weights.
+    scale = ((hi - lo) / 15).clamp(min=1e-12).to(torch.bfloat16).float()
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    q = ((g - (zero - 8 * scale)[..., None]) / scale[..., None]).round().clamp(0, 15).to(torch.uint8).reshape(n, k)
+    return q, scale, zero
 
 
 def dequantize_int4(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:

@@ -167,12 +167,14 @@ def write_fp8_checkpoint(hf_model, out: Path, shards: int = 2) -> dict[str, torc
     stored = {k: v.contiguous() for k, v in stored.items() if not k.endswith("zero_point")}
 
     out.mkdir(parents=True, exist_ok=True)
-    names = sorted(stored)
-    per = -(-len(names) // shards)
+    def shard_of(name: str) -> int:  # a layer's experts are split across the shards; the rest go in the first
+        parts = name.split(".")
+        return int(parts[parts.index("experts") + 1]) * shards // cfg.num_local_experts if "experts" in parts else 0
+
     weight_map = {}
     for s in range(shards):
         file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
-        part = {k: stored[k] for k in names[s * per : (s + 1) * per]}
+        part = {k: v for k, v in stored.items() if shard_of(k) == s}
         save_file(part, out / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(part, file))
     (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
