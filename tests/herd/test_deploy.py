@@ -26,6 +26,7 @@ def test_contiguous_shards_are_ranges():
     ("replicas: 5\nworkers: 4", "replicas=5"),
     ("attention_port: 70000", "attention_port=70000"),
     ("dtype: int8", "dtype='int8'"),
+    ("expert_dtype: int2", "expert_dtype='int2'"),
     ("batching: {max_num_seqs: 0}", "batching.max_num_seqs=0"),
     ("batching: {prefill: 3}", "batching.prefill"),
     ("wokers: 4", "'wokers'"),

@@ -143,3 +143,16 @@ def test_unknown_expert_dtype_is_refused(reference_models):
     _, path = reference_models["tiny-scout"]
     with pytest.raises(HerdInputError, match="expert_dtype='int3' is not supported; allowed: auto, compute, fp8"):
         Llama4Model.load(Checkpoint(path), expert_dtype="int3")
+
+
+def test_how_experts_are_held_is_part_of_the_serving_fingerprint():
+    """Workers and KV entries made with other experts (int4 vs fp32) must not mix: the router refuses
+    a worker whose fingerprint differs, and the KV tier keys entries by it."""
+    from llama4.quant import serving_fingerprint
+
+    w = "a" * 64
+    assert serving_fingerprint(w, "auto", False) == serving_fingerprint(w, "compute", False) == w
+    assert serving_fingerprint(w, "auto", True) == serving_fingerprint(w, "fp8", True) == w
+    held = {serving_fingerprint(w, d, False) for d in ("compute", "fp8", "int8", "int4", "int4-g128")}
+    assert len(held) == 5
+    assert serving_fingerprint(w, "compute", True) != w  # an FP8 checkpoint dequantized at load
