@@ -5,6 +5,7 @@ It loads only its own experts' slices of every MoE layer and runs the grouped ex
 """
 from __future__ import annotations
 
+import ctypes
 import threading
 
 import grpc
@@ -32,6 +33,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         self.global_to_local[self.experts] = torch.arange(len(self.experts))
         self.weights = load_experts(ckpt, self.experts, dtype, device, expert_dtype)
         self.expert_bytes = expert_bytes(self.weights)  # resident bytes by storage dtype, for herd status
+        _return_freed_memory()
         self.rows_served = 0
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
 
@@ -65,6 +67,14 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         resp = expert_pb2.RunExpertsResponse()
         write_tensor(resp.y, y)
         return resp
+
+
+def _return_freed_memory() -> None:
+    """Quantizing at load frees each expert's fp32 copy, but glibc keeps the pages: hand them back."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, host: str = "127.0.0.1", port: int = 0,
