@@ -5,6 +5,7 @@ import logging
 import os
 from pathlib import Path
 
+from attention_svc.http_api import create_app, serve_http
 from attention_svc.server import build, serve
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
 from llama4.quant import EXPERT_DTYPES
@@ -33,6 +34,9 @@ def main() -> None:
     ap.add_argument("--tls-cert", help="PEM certificate chain for the public listener (with --tls-key)")
     ap.add_argument("--tls-key", help="PEM private key for the public listener")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--http-port", type=int, help="serve the OpenAI-compatible HTTP API and /metrics on this port "
+                                                  "(0 = any free port; absent = no HTTP)")
+    ap.add_argument("--served-model-name", help="the model id of the HTTP API (default: the model directory's name)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s attention %(levelname)s %(message)s")
     if args.threads:
@@ -47,10 +51,24 @@ def main() -> None:
                         args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes, state_url, token,
                         args.expert_dtype)
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
-    server, port = serve(servicer, args.host, args.port, args.max_message_bytes, args.max_streams,
-                         read_secrets(API_KEYS_ENV), token, tls)
-    print(f"ATTENTION_LISTENING {args.host}:{port}", flush=True)
-    serve_until_signalled(server, grace_s=args.drain, on_stop=servicer.readiness.drain)
+    api_keys = read_secrets(API_KEYS_ENV)
+    server, port = serve(servicer, args.host, args.port, args.max_message_bytes, args.max_streams, api_keys, token, tls)
+    listening = f"ATTENTION_LISTENING {args.host}:{port}"
+    http = None
+    if args.http_port is not None:
+        app = create_app(servicer, args.served_model_name or Path(args.model).name, api_keys, token,
+                         servicer.loop.metrics)
+        http, http_port = serve_http(app, args.host, args.http_port,
+                                     (args.tls_cert, args.tls_key) if args.tls_cert else None)
+        listening += f" HTTP {args.host}:{http_port}"
+    print(listening, flush=True)
+
+    def stop() -> None:
+        servicer.readiness.drain()
+        if http is not None:
+            http.should_exit = True
+
+    serve_until_signalled(server, grace_s=args.drain, on_stop=stop)
 
 
 if __name__ == "__main__":

@@ -22,16 +22,19 @@ ABORTED = object()  # put on a live request's queue when it was aborted
 
 
 class Live:
-    """A request the engine is working on, and where its events go (TokenEvent, an exception or ABORTED)."""
+    """A request the engine is working on, and where its events go (TokenEvent, an exception or ABORTED):
+    a queue, or anything with put() (the HTTP API hands its events to asyncio)."""
 
-    def __init__(self):
-        self.events: queue.Queue = queue.Queue()
+    def __init__(self, events=None):
+        self.events = events if events is not None else queue.Queue()
         self.seq: Sequence | None = None  # set by the engine thread once admitted
+        self.submitted = time.monotonic()
 
 
 class EngineLoop:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, metrics=None):
         self.engine = engine
+        self.metrics = metrics  # AttentionMetrics (attention_svc.metrics), set after construction
         self.inbox: queue.Queue = queue.Queue()
         self.live: dict[int, Live] = {}  # sequence id -> its request
         self.recent_batch_sizes: collections.deque[int] = collections.deque(maxlen=256)
@@ -44,10 +47,15 @@ class EngineLoop:
         """The loop thread runs and has turned within stall_s seconds (a step is one turn)."""
         return self.thread.is_alive() and time.monotonic() - self.last_beat < stall_s
 
-    def submit(self, request: Request) -> Live:
-        live = Live()
-        self.inbox.put(("add", request, live))
-        return live
+    def submit(self, request: Request, events=None) -> Live:
+        return self.submit_group([request], [events])[0]
+
+    def submit_group(self, requests: list[Request], events: list) -> list[Live]:
+        """Requests the engine admits in one turn (the n choices of one call): together they see
+        the same batches every time, so a seeded call repeats exactly."""
+        lives = [Live(e) for e in events]
+        self.inbox.put(("add", requests, lives))
+        return lives
 
     def abort(self, live: Live) -> None:
         self.inbox.put(("abort", None, live))
@@ -60,14 +68,17 @@ class EngineLoop:
         while True:
             kind, payload, live = item
             if kind == "add":
-                try:
-                    live.seq = self.engine.add(payload)
-                    self.live[live.seq.id] = live
-                except (HerdInputError, QueueFull) as exc:
-                    live.events.put(exc)
+                for request, one in zip(payload, live, strict=True):
+                    try:
+                        one.seq = self.engine.add(request)
+                        self.live[one.seq.id] = one
+                    except (HerdInputError, QueueFull) as exc:
+                        one.events.put(exc)
             elif live.seq is not None and self.live.pop(live.seq.id, None) is not None:
                 self.engine.abort(live.seq.id)
                 live.events.put(ABORTED)
+                if self.metrics is not None:
+                    self.metrics.on_abort(live)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:
@@ -95,6 +106,8 @@ class EngineLoop:
             for ev in events:
                 live = self.live.get(ev.seq.id)
                 if live is not None:
+                    if self.metrics is not None:
+                        self.metrics.on_event(live, ev)
                     live.events.put(ev)
                     if ev.seq.finished:
                         del self.live[ev.seq.id]

@@ -18,6 +18,7 @@ import torch
 from attention_svc.engine_loop import ABORTED, EngineLoop
 from attention_svc.health import Readiness
 from attention_svc.kv_tier import RedisKVTier
+from attention_svc.metrics import AttentionMetrics
 from attention_svc.remote_moe import RemoteMoE
 from attention_svc.sessions import Session, SessionError, SessionStore
 from herdpb import llama_pb2, llama_pb2_grpc
@@ -46,6 +47,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         self.model_name, self.loop, self.tok, self.moe, self.kv_tier = model_name, loop, tokenizer, moe, kv_tier
         self.sessions = sessions
         self.cfg = loop.engine.cfg
+        self.default_max_tokens = min(DEFAULT_MAX_TOKENS, loop.engine.max_new_tokens or DEFAULT_MAX_TOKENS)
         self.operator_secrets: list[str] = []  # callers sending one of these see internal addresses in Status
         self.streams = threading.BoundedSemaphore(DEFAULT_MAX_STREAMS)  # Generate/Score at once (serve() sets it)
         self.readiness: Readiness | None = None
@@ -64,8 +66,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
 
     def _params(self, p: llama_pb2.SamplingParams) -> SamplingParams:
         """The request's sampling parameters; the engine checks them (Engine.validate)."""
-        default_max_tokens = min(DEFAULT_MAX_TOKENS, self.loop.engine.max_new_tokens or DEFAULT_MAX_TOKENS)
-        return SamplingParams(max_tokens=p.max_tokens or default_max_tokens, temperature=p.temperature,
+        return SamplingParams(max_tokens=p.max_tokens or self.default_max_tokens, temperature=p.temperature,
                               top_p=p.top_p or 1.0, top_k=p.top_k, seed=p.seed if p.HasField("seed") else None,
                               stop_token_ids=tuple(p.stop_token_ids), ignore_eos=p.ignore_eos)
 
@@ -238,7 +239,9 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
         sessions = SessionStore(state, fingerprint, ttl_s=kv_ttl_s)
     engine = Engine(model, kv_tier=tier, **batching)
     tok = Tokenizer.for_checkpoint(model_path, ckpt.config.eos_token_id)
-    return LlamaServicer(model_path, EngineLoop(engine), tok, moe, tier, sessions), moe
+    loop = EngineLoop(engine)
+    loop.metrics = AttentionMetrics(loop, tier)
+    return LlamaServicer(model_path, loop, tok, moe, tier, sessions), moe
 
 
 def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES,

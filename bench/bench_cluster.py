@@ -105,7 +105,8 @@ def main() -> None:
     model = Llama4Model.load(Checkpoint(path))
     cfg = model.cfg
     gen = torch.Generator().manual_seed(0)
-    dcfg = DeployConfig.load(None, model="bench-maverick", workers=args.workers, attention_port=0, dashboard=False)
+    dcfg = DeployConfig.load(None, model="bench-maverick", workers=args.workers, attention_port=0, http_port=0,
+                             dashboard=False)
     with Cluster(dcfg, log=lambda *_: None) as cluster:
         client = Client(cluster.attention_address)
         rows = []

@@ -23,7 +23,8 @@ from bench.common import print_table
 from herd.client import Client
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = "attention_port: {port}\ndashboard: false\nbatching: {{max_cache_tokens: 4096, max_num_seqs: 32}}\n"
+CONFIG = ("attention_port: {port}\nhttp_port: 0\ndashboard: false\n"
+          "batching: {{max_cache_tokens: 4096, max_num_seqs: 32}}\n")
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -49,7 +49,7 @@ def main() -> None:
         kernel = "/".join(sorted({b.kernel for pair in model.moe.experts.values() for b in pair}))
         mono = {b: statistics.median(mono_decode(model, b, gen) for _ in range(args.runs)) for b in batches}
         del model
-        dcfg = DeployConfig.load(None, model="bench-maverick", workers=args.workers, attention_port=0,
+        dcfg = DeployConfig.load(None, model="bench-maverick", workers=args.workers, attention_port=0, http_port=0,
                                  dashboard=False, expert_dtype=kind)
         with Cluster(dcfg, log=lambda *_: None) as cluster:
             client = Client(cluster.attention_address)

@@ -7,9 +7,12 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import time
 
 import grpc
 import torch
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from herdpb import expert_pb2, expert_pb2_grpc
 from kernels import grouped_expert_ffn
@@ -34,7 +37,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         self.weights = load_experts(ckpt, self.experts, dtype, device, expert_dtype)
         self.expert_bytes = expert_bytes(self.weights)  # resident bytes by storage dtype, for herd status
         _return_freed_memory()
-        self.rows_served = 0
+        self.rows_served = self.calls = 0
+        self.compute_seconds = 0.0
+        self.metrics = CollectorRegistry()
+        self.metrics.register(_Sampled(self))
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
 
     def RunExpertsStream(self, request_iterator, context):
@@ -57,16 +63,39 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._lock, torch.inference_mode():
+            start = time.perf_counter()
             w13, w2 = self.weights[request.layer]
             y = grouped_expert_ffn(x.to(self.device), local.to(self.device), w13, w2)
+            self.compute_seconds += time.perf_counter() - start
         if not torch.isfinite(y).all():  # finite inputs can still overflow: the caller's fault, this call only
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"expert output overflowed for layer {request.layer}: inputs out of range "
                           f"(max |x| = {x.abs().max().item():.3g})")
         self.rows_served += x.shape[0]
+        self.calls += 1
         resp = expert_pb2.RunExpertsResponse()
         write_tensor(resp.y, y)
         return resp
+
+
+class _Sampled:
+    """Prometheus metrics of one worker, read at scrape time."""
+
+    def __init__(self, servicer: ExpertServicer):
+        self.sv = servicer
+
+    def collect(self):
+        yield CounterMetricFamily("herd:expert_rows", "Rows this worker's experts computed.", value=self.sv.rows_served)
+        yield CounterMetricFamily("herd:expert_calls", "RunExperts calls served.", value=self.sv.calls)
+        yield CounterMetricFamily("herd:expert_compute_seconds", "Time spent in the expert FFN.",
+                                  value=self.sv.compute_seconds)
+        held = GaugeMetricFamily("herd:expert_resident_bytes", "Routed-expert bytes held, by storage dtype.",
+                                 labels=["dtype"])
+        for dtype, n in sorted(self.sv.expert_bytes.items()):
+            held.add_metric([dtype], n)
+        yield held
+        yield GaugeMetricFamily("herd:experts_held", "Experts this worker holds (of every MoE layer).",
+                                value=len(self.sv.experts))
 
 
 def _return_freed_memory() -> None:

@@ -152,6 +152,7 @@ def cmd_status(args) -> int:
               f"rpcs {w.rpcs} rows {w.rows} expert memory: {held or 'unknown'}")
     for load in r.loads:
         print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
+    _print_local_endpoints(args.target)
     kv = st.kv_tier
     if kv.enabled:
         print(f"kv tier: {kv.hits} hits, {kv.misses} misses, "
@@ -161,6 +162,25 @@ def cmd_status(args) -> int:
     else:
         print("kv tier: off")
     return 0
+
+
+def _print_local_endpoints(target: str) -> None:
+    """What `herd up` on this machine recorded for the cluster at target: dashboard, HTTP, metrics."""
+    from herd.up import CLUSTER_FILE
+    from llama4.store import cache_home
+
+    try:
+        info = json.loads((cache_home() / CLUSTER_FILE).read_text())
+    except (OSError, ValueError):
+        return
+    if info.get("attention") != target:
+        return
+    print(f"openai http: {'http://' + info['http'] + '/v1' if info.get('http') else 'off'}")
+    if info.get("ray_dashboard"):
+        print(f"ray dashboard: http://{info['ray_dashboard']} (token: {info['ray_token_file']})")
+    metrics = [info.get("router_metrics")] + [w.get("metrics") for w in info.get("workers", [])]
+    print(f"metrics: attention http://{info.get('http')}/metrics, router and workers: "
+          f"{', '.join(f'http://{m}/metrics' for m in metrics if m)}")
 
 
 def cmd_up(args) -> int:
@@ -175,8 +195,12 @@ def cmd_up(args) -> int:
     try:
         cluster.start()
         stop_on_signals(stop)  # ray.init replaced the SIGTERM handler with one that exits 15
-        print(f"herd is up: attention {cluster.attention_address}  router {cluster.router_address}  "
+        http = f"http://{cluster.http_address}/v1" if cluster.http_address else "off"
+        print(f"herd is up: attention {cluster.attention_address}  openai {http}  router {cluster.router_address}  "
               f"ray dashboard {cluster.dashboard_url or 'off'}", flush=True)
+        if cluster.ray_token_file and cluster.dashboard_url:
+            log(f"Ray dashboard token: {cluster.ray_token_file} (paste it at the dashboard's login; for the ray "
+                f"CLI: export RAY_AUTH_TOKEN_PATH={cluster.ray_token_file})")
         if cluster.api_key_hint:
             log(f"API key: {cluster.api_key_hint} (herd generate/score/status read it; other clients send "
                 "'authorization: Bearer <key>')")

@@ -48,7 +48,10 @@ class DeployConfig:
     worker_threads: int = 1  # torch threads per expert worker
     host: str = "127.0.0.1"  # every listener binds here
     attention_port: int = 50051  # 0 = any free port
+    http_port: int | None = 8000  # the OpenAI-compatible HTTP API and /metrics; 0 = any free port, null = off
     router_port: int = 0
+    router_metrics_port: int | None = 0  # Prometheus /metrics of the router; 0 = any free port, null = off
+    worker_metrics_port: int | None = 0  # the same for each expert worker (published in the registry)
     dashboard: bool = True
     redis_url: str | None = None  # the KV tier's cache; None: herd starts a private redis-server (LRU)
     state_redis_url: str | None = None  # registry and sessions; None: redis_url if set, else a private one
@@ -79,9 +82,10 @@ class DeployConfig:
              f"an integer from 1 to workers={self.workers}")
         need(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
         need(self.worker_threads >= 1, "worker_threads", self.worker_threads, "an integer >= 1")
-        for name in ("attention_port", "router_port"):
-            v = getattr(self, name)
-            need(isinstance(v, int) and 0 <= v < 65536, name, v, "0 (any free port) to 65535")
+        for name in ("attention_port", "router_port", "http_port", "router_metrics_port", "worker_metrics_port"):
+            v, optional = getattr(self, name), name not in ("attention_port", "router_port")
+            need((v is None and optional) or (isinstance(v, int) and 0 <= v < 65536), name, v,
+                 "0 (any free port) to 65535" + (", or null (off)" if optional else ""))
         need(self.route_timeout_s > 0, "route_timeout_s", self.route_timeout_s, "> 0")
         need(self.startup_timeout_s > 0, "startup_timeout_s", self.startup_timeout_s, "> 0")
         need(self.worker_wait_s is None or self.worker_wait_s > 0, "worker_wait_s", self.worker_wait_s, "null or > 0")

@@ -25,7 +25,11 @@ from llama4.fingerprint import fingerprint, weight_files
 from llama4.store import cache_home, resolve_model
 from plumbing.auth import API_KEY_FILE, API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_FILE, read_secrets
 from plumbing.grpc_server import wait_serving
-from plumbing.registry import WorkerRegistry
+from plumbing.registry import WorkerRegistry, expert_span
+
+CLUSTER_FILE = "cluster.json"  # under the herd home: the endpoints of the cluster herd up runs
+RAY_TOKEN_FILE = "ray-auth-token"  # under the herd home: the Ray dashboard's and the ray CLI's token
+_PORT_FLAGS = {"HTTP": "--http-port", "METRICS": "--metrics-port"}  # extra listeners a service announces
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -45,6 +49,18 @@ def own_secret(name: str) -> str:
     return path.read_text().strip()
 
 
+def write_secret(name: str, value: str) -> Path:
+    """Replace the 0600 file `name` under the herd home with `value` (never readable by others, even briefly)."""
+    path = cache_home() / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(value)
+    os.replace(tmp, path)
+    return path
+
+
 class Cluster:
     def __init__(self, cfg: DeployConfig, log=print):
         self.cfg, self.log = cfg, log
@@ -55,9 +71,20 @@ class Cluster:
         self._restarts: dict[str, tuple[int, float]] = {}  # name -> (restarts so far, when the next may run)
         self.actors = []
         self.ray_started = False
+        self.ray_metrics_port = self.ray_token_file = None
         self.attention_address = self.router_address = self.dashboard_url = None
+        self.endpoints: dict[str, dict[str, str]] = {}  # service -> {"HTTP" | "METRICS": address}
         self.api_key_hint = ""  # where a client finds its API key
         self.api_key = self.cluster_token = None  # with auth: the public API's key, the internal services' token
+
+    @property
+    def http_address(self) -> str | None:
+        """The OpenAI-compatible HTTP API (and the attention service's /metrics)."""
+        return self.endpoints.get("attention", {}).get("HTTP")
+
+    @property
+    def router_metrics_address(self) -> str | None:
+        return self.endpoints.get("router", {}).get("METRICS")
 
     # ---- start ----
     def start(self) -> Cluster:
@@ -93,7 +120,7 @@ class Cluster:
         os.environ.update(secrets_env)  # Ray's processes (the expert workers) inherit the cluster token
         self._start_ray()
         self.actors, infos = start_expert_workers(cfg, model_path, state_url)
-        shards_text = ", ".join(f"{i['address']} experts {_span(i['experts'])}" for i in infos)
+        shards_text = ", ".join(f"{i['address']} experts {expert_span(i['experts'])}" for i in infos)
         self.log(f"expert workers: {len(infos)} ({shards_text})")
 
         env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
@@ -102,7 +129,8 @@ class Cluster:
             "-m", "router_svc", "--model", model_path, "--dtype", cfg.dtype, "--expert-dtype", cfg.expert_dtype,
             "--host", cfg.host,
             "--port", str(cfg.router_port), "--cluster", cfg.cluster,
-            "--max-message-bytes", str(cfg.max_message_bytes), "--worker-wait", str(wait)],
+            "--max-message-bytes", str(cfg.max_message_bytes), "--worker-wait", str(wait),
+            *([] if cfg.router_metrics_port is None else ["--metrics-port", str(cfg.router_metrics_port)])],
             env, "ROUTER_LISTENING")
         wait_serving(self.router_address, cfg.startup_timeout_s)
         batching = json.dumps(vars(cfg.batching))
@@ -113,11 +141,19 @@ class Cluster:
             "--route-timeout", str(max(cfg.route_timeout_s, wait + 10)), "--kv-ttl", str(cfg.kv_ttl_s),
             "--max-message-bytes", str(cfg.max_message_bytes), "--drain", str(cfg.drain_timeout_s),
             "--max-streams", str(cfg.max_streams),
+            *([] if cfg.http_port is None else ["--http-port", str(cfg.http_port), "--served-model-name",
+                                                Path(cfg.model).name]),
             *(["--tls-cert", cfg.tls_cert, "--tls-key", cfg.tls_key] if cfg.tls_cert else []),
             *([] if cfg.kv_tier else ["--no-kv-tier"])], env, "ATTENTION_LISTENING")
         tls_ca = Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None
         wait_serving(self.attention_address.replace("127.0.0.1", "localhost") if tls_ca else self.attention_address,
                      cfg.startup_timeout_s, tls_ca)
+        # Where everything is, for `herd status` (no secrets: the token file is named, not copied).
+        (cache_home() / CLUSTER_FILE).write_text(json.dumps({
+            "attention": self.attention_address, "http": self.http_address, "router": self.router_address,
+            "router_metrics": self.router_metrics_address, "ray_dashboard": self.dashboard_url,
+            "ray_token_file": str(self.ray_token_file) if self.ray_token_file else None,
+            "workers": [{"index": i["index"], "address": i["address"], "metrics": i.get("metrics")} for i in infos]}))
 
     def _start_ray(self) -> None:
         # Local-only mode (every Ray listener on 127.0.0.1) and token auth with a fresh token.
@@ -134,6 +170,9 @@ class Cluster:
                        logging_level="ERROR", log_to_driver=False, configure_logging=False)
         self.ray_started = True
         self.dashboard_url = ctx.dashboard_url
+        self.ray_metrics_port = ctx.address_info.get("metrics_export_port")
+        # The dashboard asks its operator for this token: a file only they can read, never argv or a log.
+        self.ray_token_file = write_secret(RAY_TOKEN_FILE, os.environ["RAY_AUTH_TOKEN"])
 
     def _secrets(self) -> dict[str, str]:
         """The API keys and the cluster token, for the children's environment (never argv).
@@ -154,10 +193,15 @@ class Cluster:
         deadline = time.monotonic() + self.cfg.startup_timeout_s
         for line in proc.stdout:
             if line.startswith(ready):
-                address = line.split()[1]
-                # A restart binds the same port: its clients keep their address.
+                words = line.split()
+                address = words[1]
+                extra = dict(zip(words[2::2], words[3::2], strict=True))  # {"HTTP": addr, "METRICS": addr}
+                # A restart binds the same ports: its clients (and Prometheus) keep their addresses.
                 argv = list(args)
                 argv[argv.index("--port") + 1] = address.rsplit(":", 1)[1]
+                for key, addr in extra.items():
+                    argv[argv.index(_PORT_FLAGS[key]) + 1] = addr.rsplit(":", 1)[1]
+                self.endpoints[name] = extra
                 self._specs[name] = (argv, env, ready)
                 return address
             if time.monotonic() > deadline:
@@ -254,7 +298,7 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
         opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker)
         actors.append(ExpertWorker.options(**opts).remote(
             i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads,
-            cfg.max_message_bytes, cfg.expert_dtype))
+            cfg.max_message_bytes, cfg.expert_dtype, cfg.worker_metrics_port))
     infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)
     for info in infos:
         if info.get("error"):
@@ -263,8 +307,3 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
         wait_serving(info["address"], cfg.startup_timeout_s)
     return actors, infos
 
-
-def _span(experts: list[int]) -> str:
-    if experts == list(range(experts[0], experts[-1] + 1)):
-        return f"{experts[0]}-{experts[-1]}"
-    return ",".join(map(str, experts))

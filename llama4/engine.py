@@ -18,7 +18,7 @@ from typing import NamedTuple, Protocol
 import torch
 
 from llama4.config import LayerKind
-from llama4.errors import HerdInputError
+from llama4.errors import HerdInputError, need
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull, StepPlan
 from llama4.model import Llama4Model
 from llama4.moe import Route
@@ -28,6 +28,8 @@ from llama4.sequence import Request, Sequence
 
 __all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier", "EntryKey", "TierStats"]
 
+MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
+
 
 @dataclass
 class TokenEvent:
@@ -35,6 +37,7 @@ class TokenEvent:
     token: int | None  # None when a step only advanced a prefill or finished a score request
     logprob: float | None
     route: list[tuple[int, int, int]] | None = None  # (layer, expert, worker) of the row that produced token
+    top: list[tuple[int, float]] | None = None  # with Request.top_logprobs: the most likely tokens and logprobs
 
 
 class EntryKey(NamedTuple):
@@ -142,6 +145,8 @@ class Engine:
         if len(req.prompt_ids) > self.max_prompt_tokens:
             raise HerdInputError(f"prompt has {len(req.prompt_ids)} tokens; allowed: at most {self.max_prompt_tokens}")
         req.params.validate(vocab, self.max_new_tokens)
+        need(0 <= req.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", req.top_logprobs,
+             f"an integer from 0 to {MAX_TOP_LOGPROBS}")
         total = len(req.prompt_ids) + req.params.max_tokens
         if total > self.max_model_len:
             raise HerdInputError(
@@ -158,6 +163,10 @@ class Engine:
         seq = Sequence(next(self._ids), req, list(req.prompt_ids), req.params.make_generator())
         self.scheduler.add(seq)
         return seq
+
+    def cache_usage(self) -> float:
+        """Fraction of the in-memory KV cache's blocks in use (of the scarcest layer kind)."""
+        return 1.0 - self.cache.num_free_blocks() / self.cache.num_blocks
 
     def abort(self, seq_id: int) -> None:
         for seq in (*self.running, *self.waiting):
@@ -262,7 +271,11 @@ class Engine:
             logprob = float(logits[i, token] - log_z[i])
             self._append(seq, token, logprob)
             trace = _trace(routes, row - 1) if seq.request.trace_routes else None
-            events.append(TokenEvent(seq, token, logprob, trace))
+            top = None
+            if seq.request.top_logprobs:
+                values, ids = torch.topk(logits[i], seq.request.top_logprobs)
+                top = [(int(t), float(v - log_z[i])) for v, t in zip(values.tolist(), ids.tolist(), strict=True)]
+            events.append(TokenEvent(seq, token, logprob, trace, top))
         return events
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:

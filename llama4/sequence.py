@@ -15,6 +15,7 @@ class Request:
     request_id: str = ""  # the client's label: echoed and logged, never an identity
     prompt_logprobs: bool = False  # score mode: log p(token_i | tokens_<i) for the prompt
     trace_routes: bool = False  # report the expert and worker of every MoE layer for each token
+    top_logprobs: int = 0  # report this many most likely tokens (and their logprobs) at each step
 
 
 @dataclass

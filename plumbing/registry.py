@@ -63,3 +63,10 @@ class WorkerRegistry:
         thread = threading.Thread(target=beat, name=f"registry-heartbeat-{index}", daemon=True)
         thread.start()
         return thread
+
+
+def expert_span(experts: list[int]) -> str:
+    """"0-63" for a contiguous shard, else "0,4,8"."""
+    if experts and experts == list(range(experts[0], experts[-1] + 1)):
+        return f"{experts[0]}-{experts[-1]}"
+    return ",".join(map(str, experts))

@@ -8,6 +8,7 @@ from llama4.quant import EXPERT_DTYPES
 from plumbing.auth import CLUSTER_TOKEN_ENV
 from plumbing.grpc_server import MAX_MESSAGE_BYTES
 from plumbing.lifecycle import serve_until_signalled
+from plumbing.metrics_http import serve_metrics
 from router_svc.server import serve
 
 
@@ -23,6 +24,7 @@ def main() -> None:
     ap.add_argument("--worker-wait", type=float, default=30.0,
                     help="seconds a Route waits for a restarting worker (herd up derives it from the shard size)")
     ap.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message cap, each way")
+    ap.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0 = any free port)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
     import torch
@@ -30,11 +32,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # The worker registry lives in the state Redis; the URL carries a password: environment, not argv.
     redis_url = os.environ.get("HERD_STATE_REDIS_URL") or os.environ["HERD_REDIS_URL"]
-    server, port, _ = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port,
+    server, port, servicer = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port,
                             wait_for_workers=max(120.0, args.worker_wait), max_message_bytes=args.max_message_bytes,
                             worker_timeout=args.worker_wait, token=os.environ.get(CLUSTER_TOKEN_ENV) or None,
                             expert_dtype=args.expert_dtype)
-    print(f"ROUTER_LISTENING {args.host}:{port}", flush=True)
+    listening = f"ROUTER_LISTENING {args.host}:{port}"
+    if args.metrics_port is not None:
+        listening += f" METRICS {args.host}:{serve_metrics(servicer.metrics.registry, args.host, args.metrics_port)}"
+    print(listening, flush=True)
     serve_until_signalled(server)
 
 

@@ -23,6 +23,7 @@ from llama4.weights import load_gates
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure, start_server
 from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
+from router_svc.metrics import RouterMetrics
 from router_svc.placement import Placement
 
 log = logging.getLogger("herd.router")
@@ -39,6 +40,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.worker_timeout = worker_timeout
         self.tokens_per_expert = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.gates}
         self.routes = self.retries = self.worker_rpcs = 0
+        self.metrics = RouterMetrics(self)
 
     def RouteStream(self, request_iterator, context):
         for request in request_iterator:
@@ -87,11 +89,12 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 req = expert_pb2.RunExpertsRequest(layer=layer, expert_ids=expert_ids[rows].tolist())
                 write_tensor(req.x, x[rows])
                 worker.stream.send(req)
-                calls.append((worker, rows))
+                calls.append((worker, rows, time.monotonic()))
             failed, fatal = [], None
-            for worker, rows in calls:  # every send gets its receive (it releases the stream)
+            for worker, rows, sent in calls:  # every send gets its receive (it releases the stream)
                 try:
                     resp = worker.stream.receive(timeout=max(deadline - time.monotonic(), 0.01))
+                    self.metrics.rpc_seconds.labels(str(worker.index)).observe(time.monotonic() - sent)
                 except grpc.RpcError as exc:
                     if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
                         fatal = fatal or exc
@@ -116,6 +119,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 raise fatal
             if failed:
                 self.retries += 1
+                self.metrics.rerouted_rows.inc(sum(len(r) for r in failed))
                 placement.refresh()  # a restarted worker may already have published its new address
                 todo = torch.cat(failed)
             else:

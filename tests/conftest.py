@@ -67,7 +67,8 @@ def local_cluster(herd_home):
 
     @contextmanager
     def start(**overrides):
-        cfg = DeployConfig.load(None, **{"model": CLUSTER_MODEL, "attention_port": 0, "dashboard": False, **overrides})
+        defaults = {"model": CLUSTER_MODEL, "attention_port": 0, "http_port": 0, "dashboard": False}
+        cfg = DeployConfig.load(None, **{**defaults, **overrides})
         with Cluster(cfg, log=lambda *_: None) as cluster:
             yield cluster
 

@@ -17,7 +17,8 @@ from llama4.store import resolve_model
 
 @pytest.fixture(scope="module")
 def cluster(herd_home):
-    cfg = DeployConfig.load(None, model="tiny-maverick", workers=3, replicas=2, attention_port=0, dashboard=False)
+    cfg = DeployConfig.load(None, model="tiny-maverick", workers=3, replicas=2, attention_port=0, http_port=0,
+                            dashboard=False)
     with Cluster(cfg, log=lambda *_: None) as c:
         yield c
 

@@ -163,7 +163,7 @@ def _long(ids):
 def test_sigterm_drains_the_request_stops_everything_and_exits_0(herd_home, tmp_path, mono):
     port = free_port()
     config = tmp_path / "deploy.yaml"
-    config.write_text(f"model: {MODEL}\nworkers: 2\nattention_port: {port}\ndashboard: false\n")
+    config.write_text(f"model: {MODEL}\nworkers: 2\nattention_port: {port}\nhttp_port: 0\ndashboard: false\n")
     proc = subprocess.Popen([sys.executable, "-m", "herd", "up", "--config", str(config)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})

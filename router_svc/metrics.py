@@ -1,0 +1,44 @@
+"""Prometheus metrics of the router: routed tokens per layer and expert, worker RPC latency,
+retries and rerouted rows. Counts the router already keeps are read when Prometheus scrapes."""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+_RPC_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
+
+
+class RouterMetrics:
+    def __init__(self, servicer):
+        self.registry = CollectorRegistry()
+        self.rpc_seconds = Histogram("herd:worker_rpc_seconds", "One RunExperts exchange with an expert worker.",
+                                     ["worker"], buckets=_RPC_SECONDS, registry=self.registry)
+        self.rerouted_rows = Counter("herd:rerouted_rows", "Rows sent again to another replica after a worker "
+                                     "failed.", registry=self.registry)
+        self.registry.register(_Sampled(servicer))
+
+
+class _Sampled:
+    def __init__(self, servicer):
+        self.sv = servicer
+
+    def collect(self):
+        routed = CounterMetricFamily("herd:routed_tokens", "Rows the gate routed to each expert.",
+                                     labels=["layer", "expert"])
+        for layer, counts in sorted(self.sv.tokens_per_expert.items()):
+            for expert, n in enumerate(counts.tolist()):
+                routed.add_metric([str(layer), str(expert)], n)
+        yield routed
+        yield CounterMetricFamily("herd:route_requests", "Route calls (one per MoE layer per step).",
+                                  value=self.sv.routes)
+        yield CounterMetricFamily("herd:route_retries", "Route calls that re-sent rows after a worker failed.",
+                                  value=self.sv.retries)
+        rpcs = CounterMetricFamily("herd:worker_rpcs", "RunExperts exchanges per worker.", labels=["worker"])
+        rows = CounterMetricFamily("herd:worker_rows", "Rows sent to each worker.", labels=["worker"])
+        healthy = GaugeMetricFamily("herd:worker_healthy", "1 if the router uses the worker, else 0.",
+                                    labels=["worker"])
+        for w in list(self.sv.placement.workers.values()):
+            rpcs.add_metric([str(w.index)], w.rpcs)
+            rows.add_metric([str(w.index)], w.rows)
+            healthy.add_metric([str(w.index)], 1 if w.healthy else 0)
+        yield from (rpcs, rows, healthy)

@@ -1,0 +1,185 @@
+"""The OpenAI-compatible HTTP API, Prometheus metrics and Ray metrics of a real `herd up` on the
+default model, driven by the official `openai` SDK."""
+import json
+import time
+import urllib.request
+
+import openai
+import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
+
+from herd.client import Client
+from llama4.store import DEFAULT_MODEL
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def cluster(local_cluster):
+    with local_cluster(model=DEFAULT_MODEL, workers=2) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def sdk(cluster):
+    return openai.OpenAI(base_url=f"http://{cluster.http_address}/v1", api_key=cluster.api_key, max_retries=0)
+
+
+def scrape(address: str, key: str | None = None) -> dict:
+    """{sample name: {labels as a sorted tuple: value}} from a /metrics endpoint."""
+    req = urllib.request.Request(f"http://{address}/metrics",
+                                 headers={"Authorization": f"Bearer {key}"} if key else {})
+    text = urllib.request.urlopen(req, timeout=10).read().decode()
+    out: dict = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, {})[tuple(sorted(s.labels.items()))] = s.value
+    return out
+
+
+def test_models_lists_the_served_model(sdk):
+    assert [m.id for m in sdk.models.list().data] == [DEFAULT_MODEL]
+
+
+def test_chat_streams_an_answer_naming_paris(sdk):
+    chunks = list(sdk.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, stream=True, max_tokens=24,
+                                              temperature=0, stream_options={"include_usage": True}))
+    deltas = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "Paris" in "".join(deltas) and sum(1 for d in deltas if d) >= 3  # streamed, not one piece
+    finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finals == ["stop"]
+    usage = chunks[-1].usage
+    assert not chunks[-1].choices and usage.completion_tokens >= 3
+    assert usage.prompt_tokens > 10 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_uses_the_checkpoint_template_like_grpc(cluster, sdk):
+    http = sdk.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=16, temperature=0,
+                                       extra_body={"return_token_ids": True})
+    grpc_tokens = [t for msg in Client(cluster.attention_address).generate(chat=QUESTION, max_tokens=16)
+                   for t in msg.token_ids]
+    assert http.model_extra is not None
+    assert http.choices[0].model_extra["token_ids"] == grpc_tokens
+    assert http.usage.completion_tokens == len(grpc_tokens)
+
+
+def test_completion_logprobs_equal_grpc_score(cluster, sdk):
+    prompt = "The river flows past the old mill and"
+    r = sdk.completions.create(model=DEFAULT_MODEL, prompt=prompt, max_tokens=8, temperature=0, logprobs=3,
+                               extra_body={"return_token_ids": True, "ignore_eos": True})
+    choice = r.choices[0]
+    generated = choice.model_extra["token_ids"]
+    assert choice.finish_reason == "length" and len(generated) == 8
+    assert len(choice.logprobs.top_logprobs[0]) == 3
+    client = Client(cluster.attention_address)
+    prompt_ids = list(client.score(text=prompt).ids)  # the same tokenization (with BOS) as the HTTP prompt
+    scored = list(client.score(ids=prompt_ids + generated).logprobs)[len(prompt_ids) - 1:]
+    assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, scored, strict=True)) <= 1e-5
+
+
+def test_stop_strings_cut_the_text(sdk):
+    r = sdk.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=24, temperature=0,
+                                    stop=["Paris"])
+    assert "Paris" not in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content.strip()
+
+
+def test_n_choices_with_a_seed_are_reproducible(sdk):
+    ask = lambda: sdk.completions.create(model=DEFAULT_MODEL, prompt="Once upon a time", max_tokens=12, n=2,
+                                         temperature=1.0, seed=7)
+    a, b = ask(), ask()
+    texts = [c.text for c in a.choices]
+    assert [c.index for c in a.choices] == [0, 1] and texts == [c.text for c in b.choices]
+    assert texts[0] != texts[1]
+    assert a.usage == b.usage and 2 <= a.usage.completion_tokens <= 24
+
+
+@pytest.mark.parametrize("kwargs, param", [
+    (dict(temperature=5), "temperature"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(n=0), "n"),
+    (dict(logprobs=9), "logprobs"),
+    (dict(presence_penalty=0.5), "presence_penalty"),
+    (dict(extra_body={"frobnicate": 1}), "frobnicate"),
+    (dict(extra_body={"top_k": "ten"}), "top_k"),
+])
+def test_bad_parameters_are_400_with_the_param_named(sdk, kwargs, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        sdk.completions.create(model=DEFAULT_MODEL, prompt="hello", **kwargs)
+    assert err.value.status_code == 400 and err.value.body["param"] == param
+    assert err.value.body["type"] == "invalid_request_error" and err.value.body["message"]
+
+
+def test_unknown_model_and_missing_key_are_refused(cluster, sdk):
+    with pytest.raises(openai.NotFoundError):
+        sdk.completions.create(model="gpt-4", prompt="hello")
+    anonymous = openai.OpenAI(base_url=f"http://{cluster.http_address}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        anonymous.models.list()
+    resp = requests.post(f"http://{cluster.http_address}/v1/completions", data=b"{not json", timeout=30,
+                         headers={"Authorization": f"Bearer {cluster.api_key}"})
+    assert resp.status_code == 400 and "error" in resp.json()
+
+
+def test_metrics_count_the_requests_and_their_routed_tokens(cluster, sdk):
+    before = scrape(cluster.http_address, cluster.api_key)
+    routed_before = scrape(cluster.router_metrics_address)
+    for i in range(3):
+        sdk.completions.create(model=DEFAULT_MODEL, prompt=f"Count to {i + 3}:", max_tokens=6, temperature=0,
+                               extra_body={"ignore_eos": True})
+    after = scrape(cluster.http_address, cluster.api_key)
+    routed_after = scrape(cluster.router_metrics_address)
+    count = lambda m, name: sum(m.get(name, {}).values())
+    assert count(after, "herd:time_to_first_token_seconds_count") - count(
+        before, "herd:time_to_first_token_seconds_count") == 3
+    assert count(after, "herd:request_success_total") - count(before, "herd:request_success_total") == 3
+    tokens = count(after, "herd:request_prompt_tokens_sum") - count(before, "herd:request_prompt_tokens_sum") + 3 * 6
+    # Every token but the last of each request ran through every MoE layer once.
+    layers = len({dict(k)["layer"] for k in routed_after["herd:routed_tokens_total"]})
+    routed = count(routed_after, "herd:routed_tokens_total") - count(routed_before, "herd:routed_tokens_total")
+    assert routed == (tokens - 3) * layers
+    for name in ("herd:num_requests_running", "herd:kv_cache_usage_perc", "herd:kv_tier_hits_total",
+                 "herd:inter_token_latency_seconds_count", "herd:e2e_request_latency_seconds_count"):
+        assert name in after, name
+    assert "herd:worker_rpc_seconds_count" in routed_after
+    info = json.loads((cluster_home() / "cluster.json").read_text())
+    assert info["http"] == cluster.http_address and len(info["workers"]) == 2
+    for w in info["workers"]:  # every worker's own endpoint answers
+        m = scrape(w["metrics"])
+        assert m["herd:expert_rows_total"][()] > 0 and "herd:expert_resident_bytes" in m
+
+
+def cluster_home():
+    from llama4.store import cache_home
+
+    return cache_home()
+
+
+def test_client_disconnect_mid_stream_frees_its_sequence(cluster, sdk):
+    running = lambda: scrape(cluster.http_address, cluster.api_key)["herd:num_requests_running"][()]
+    with requests.post(f"http://{cluster.http_address}/v1/completions", stream=True, timeout=60,
+                       headers={"Authorization": f"Bearer {cluster.api_key}"},
+                       json={"model": DEFAULT_MODEL, "prompt": "Tell me a long story:", "max_tokens": 2000,
+                             "stream": True, "ignore_eos": True}) as resp:
+        events = (line for line in resp.iter_lines() if line)
+        for _ in range(4):
+            assert next(events).startswith(b"data: {")
+        assert running() == 1
+    deadline = time.monotonic() + 20
+    while running() != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert running() == 0
+
+
+def test_worker_load_is_a_ray_metric(cluster, sdk):
+    sdk.completions.create(model=DEFAULT_MODEL, prompt="Ray", max_tokens=4)
+    deadline, seen = time.monotonic() + 60, {}
+    while time.monotonic() < deadline:
+        seen = scrape(f"127.0.0.1:{cluster.ray_metrics_port}")
+        rows = {dict(k).get("worker"): v for k, v in seen.get("ray_herd_expert_rows_total", {}).items()}
+        if set(rows) == {"0", "1"} and all(v > 0 for v in rows.values()):
+            break
+        time.sleep(2)
+    assert set(rows) == {"0", "1"}, sorted(seen)[:20]
+    assert any(v > 0 for v in seen.get("ray_herd_expert_resident_bytes", {}).values())
