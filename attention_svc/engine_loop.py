@@ -57,8 +57,9 @@ class EngineLoop:
         self.inbox.put(("add", requests, lives))
         return lives
 
-    def abort(self, live: Live) -> None:
-        self.inbox.put(("abort", None, live))
+    def abort(self, live: Live, reason: str = "abort") -> None:
+        """Stop a request; reason is what its metrics count ("stop" when the HTTP API met a stop string)."""
+        self.inbox.put(("abort", reason, live))
 
     def _drain(self, block: bool) -> None:
         try:
@@ -78,7 +79,7 @@ class EngineLoop:
                 self.engine.abort(live.seq.id)
                 live.events.put(ABORTED)
                 if self.metrics is not None:
-                    self.metrics.on_abort(live)
+                    self.metrics.on_abort(live, payload)
             try:
                 item = self.inbox.get_nowait()
             except queue.Empty:

@@ -329,7 +329,7 @@ class _Choice:
             at = min(hits)[0]
             out, self.pending = self.pending[:at], ""
             self.finish_reason = "stop"
-            self.front.sv.loop.abort(self.live)  # the rest of the sequence is not wanted
+            self.front.sv.loop.abort(self.live, "stop")  # the rest of the sequence is not wanted
             return out
         cut = max(len(self.pending) - self.hold, 0)
         out, self.pending = self.pending[:cut], self.pending[cut:]

@@ -54,8 +54,8 @@ class AttentionMetrics:
             self.prompt_tokens.inc(seq.num_prompt)
             self.gen_len.observe(len(seq.output_ids))
 
-    def on_abort(self, live) -> None:
-        self.finished.labels("abort").inc()
+    def on_abort(self, live, reason: str = "abort") -> None:
+        self.finished.labels(reason).inc()
         self.e2e.observe(time.monotonic() - live.submitted)
 
     def exposition(self) -> bytes:

@@ -22,11 +22,13 @@ from herd.redis_server import RedisServer
 from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
 from llama4.fingerprint import fingerprint, weight_files
+from llama4.progress import progress
 from llama4.store import cache_home, resolve_model
 from plumbing.auth import API_KEY_FILE, API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_FILE, read_secrets
 from plumbing.grpc_server import wait_serving
 from plumbing.registry import WorkerRegistry, expert_span
 
+STAGES = ("model and redis", "ray", "expert workers", "router", "attention")
 CLUSTER_FILE = "cluster.json"  # under the herd home: the endpoints of the cluster herd up runs
 RAY_TOKEN_FILE = "ray-auth-token"  # under the herd home: the Ray dashboard's and the ray CLI's token
 _PORT_FLAGS = {"HTTP": "--http-port", "METRICS": "--metrics-port"}  # extra listeners a service announces
@@ -97,6 +99,11 @@ class Cluster:
 
     def _start(self) -> None:
         cfg = self.cfg
+        with progress(desc="herd up", total=len(STAGES), unit="stage") as bar:
+            self._start_stages(cfg, lambda: (bar.set_postfix_str(STAGES[bar.n]), bar.update()))
+
+    def _start_stages(self, cfg: DeployConfig, stage) -> None:
+        """Start everything in order; stage() marks each of STAGES done."""
         model_path = str(resolve_model(cfg.model))
         ckpt_cfg = ModelConfig.from_dir(model_path)
         # fail before starting anything
@@ -114,12 +121,15 @@ class Cluster:
         # Hash the weights once here, before the services start: they all read the cached digests
         # instead of each hashing every byte of the checkpoint at the same time.
         fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
+        stage()
         # Steps wait this long for a restarting worker (its shard reloads); the attention side waits longer.
         wait = worker_wait_s(cfg, ckpt_cfg)
         secrets_env = self._secrets()
         os.environ.update(secrets_env)  # Ray's processes (the expert workers) inherit the cluster token
         self._start_ray()
+        stage()
         self.actors, infos = start_expert_workers(cfg, model_path, state_url)
+        stage()
         shards_text = ", ".join(f"{i['address']} experts {expert_span(i['experts'])}" for i in infos)
         self.log(f"expert workers: {len(infos)} ({shards_text})")
 
@@ -133,6 +143,7 @@ class Cluster:
             *([] if cfg.router_metrics_port is None else ["--metrics-port", str(cfg.router_metrics_port)])],
             env, "ROUTER_LISTENING")
         wait_serving(self.router_address, cfg.startup_timeout_s)
+        stage()
         batching = json.dumps(vars(cfg.batching))
         self.attention_address = self._spawn("attention", [
             "-m", "attention_svc", "--model", model_path, "--router", self.router_address, "--dtype", cfg.dtype,
@@ -148,6 +159,7 @@ class Cluster:
         tls_ca = Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None
         wait_serving(self.attention_address.replace("127.0.0.1", "localhost") if tls_ca else self.attention_address,
                      cfg.startup_timeout_s, tls_ca)
+        stage()
         # Where everything is, for `herd status` (no secrets: the token file is named, not copied).
         (cache_home() / CLUSTER_FILE).write_text(json.dumps({
             "attention": self.attention_address, "http": self.http_address, "router": self.router_address,

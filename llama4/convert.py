@@ -25,6 +25,7 @@ from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
 from llama4.model import Llama4Model
 from llama4.moe import LocalMoE
+from llama4.progress import progress
 from llama4.tokenizer import Tokenizer
 from llama4.weights import GATE
 
@@ -170,7 +171,7 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, num_experts: int = 8, m
     if not tied:
         t["lm_head.weight"] = w["output.weight"]
     half = ffn // 2
-    for l in range(layers):
+    for l in progress(range(layers), desc="convert: layers", unit="layer"):
         g, p = f"blk.{l}.", f"model.layers.{l}."
         t[p + "input_layernorm.weight"] = w[g + "attn_norm.weight"]
         t[p + "post_attention_layernorm.weight"] = w[g + "ffn_norm.weight"]

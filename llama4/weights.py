@@ -13,6 +13,7 @@ from kernels.quant import DenseBank, build_bank, choose_kernel, quantize
 from llama4.checkpoint import Checkpoint, StoredWeight
 from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
+from llama4.progress import progress
 from llama4.quant import int4_group, resolve_expert_dtype
 
 ExpertBank = DenseBank  # or any kernels.quant bank: mm(e, rows) and nbytes()
@@ -84,7 +85,8 @@ class DenseWeights:
     @classmethod
     def load(cls, ckpt: Checkpoint, dtype: torch.dtype, device: str) -> DenseWeights:
         cfg = ckpt.config
-        t = {name: ckpt.tensor(name, shape, dtype, device) for name, shape in dense_specs(cfg).items()}
+        t = {name: ckpt.tensor(name, shape, dtype, device)
+             for name, shape in progress(dense_specs(cfg).items(), desc="dense weights", unit="tensor")}
         layers = []
         for layer in range(cfg.num_hidden_layers):
             p = layer_prefix(layer)
@@ -122,14 +124,17 @@ def load_experts(ckpt: Checkpoint, expert_ids: list[int], dtype: torch.dtype, de
                                  f"this model has hidden_size={cfg.hidden_size}, "
                                  f"intermediate_size={cfg.intermediate_size}")
     out = {}
+    bar = progress(desc=f"experts ({resolved})", total=len(cfg.moe_layer_list) * len(expert_ids), unit="slice")
     for l in cfg.moe_layer_list:
         w13_parts, w2_parts = [], []
         for e in expert_ids:
+            bar.update()
             gate_up, down = ckpt.expert_weights(l, e)
             w13_parts.append(_held(kind, group, gate_up, dtype, device))
             w2_parts.append(_held(kind, group, down, dtype, device))
         out[l] = (_bank(kind, group, w13_parts, gate_up.w.shape, dtype, device),
                   _bank(kind, group, w2_parts, down.w.shape, dtype, device))
+    bar.close()
     return out
 
 

@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP API, Prometheus metrics and Ray metrics of a real `herd up` on the
 default model, driven by the official `openai` SDK."""
 import json
+import re
 import time
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -145,9 +147,15 @@ def test_metrics_count_the_requests_and_their_routed_tokens(cluster, sdk):
     assert "herd:worker_rpc_seconds_count" in routed_after
     info = json.loads((cluster_home() / "cluster.json").read_text())
     assert info["http"] == cluster.http_address and len(info["workers"]) == 2
+    names = set(after) | set(routed_after)
     for w in info["workers"]:  # every worker's own endpoint answers
         m = scrape(w["metrics"])
         assert m["herd:expert_rows_total"][()] > 0 and "herd:expert_resident_bytes" in m
+        names |= set(m)
+    # The Grafana board asks only for series herd exports (a renamed metric would blank a panel).
+    board = json.loads((Path(__file__).resolve().parents[2] / "k8s/monitoring/grafana-dashboard.json").read_text())
+    asked = {n for p in board["panels"] for t in p["targets"] for n in re.findall(r"herd:[a-z0-9_:]+", t["expr"])}
+    assert asked and asked <= names, asked - names
 
 
 def cluster_home():
@@ -183,3 +191,40 @@ def test_worker_load_is_a_ray_metric(cluster, sdk):
         time.sleep(2)
     assert set(rows) == {"0", "1"}, sorted(seen)[:20]
     assert any(v > 0 for v in seen.get("ray_herd_expert_resident_bytes", {}).values())
+
+
+def test_sessions_and_route_traces_through_extra_fields(cluster, sdk):
+    first_q = {"role": "user", "content": "My name is Ada. Say hello."}
+    second_q = {"role": "user", "content": "What is my name?"}
+    first = sdk.chat.completions.create(model=DEFAULT_MODEL, messages=[first_q], max_tokens=12, temperature=0,
+                                        extra_body={"session_id": "http-1", "new_session": True})
+    answer = {"role": "assistant", "content": first.choices[0].message.content}
+    second = sdk.chat.completions.create(model=DEFAULT_MODEL, messages=[second_q], max_tokens=12, temperature=0,
+                                         extra_body={"session_id": "http-1", "trace_routes": True,
+                                                     "return_token_ids": True})
+    # The second turn saw the whole conversation: the same tokens as asking for it in one go over gRPC.
+    whole = [t for msg in Client(cluster.attention_address).generate(chat=[first_q, answer, second_q], max_tokens=12)
+             for t in msg.token_ids]
+    assert second.choices[0].model_extra["token_ids"] == whole
+    routes = second.choices[0].model_extra["routes"]
+    assert len(routes) == len(whole) and all(len(hops) == len(routes[0]) > 0 for hops in routes)
+    assert all(0 <= worker < 2 for hops in routes for _, _, worker in hops)
+    with pytest.raises(openai.ConflictError):  # the session exists: new_session again is refused
+        sdk.chat.completions.create(model=DEFAULT_MODEL, messages=[first_q], max_tokens=4,
+                                    extra_body={"session_id": "http-1", "new_session": True})
+
+
+def test_ray_dashboard_token_is_in_a_private_file_and_nowhere_else(cluster):
+    import os
+    import stat
+
+    path = cluster.ray_token_file
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    token = path.read_text()
+    assert token == os.environ["RAY_AUTH_TOKEN"] and len(token) >= 32
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        assert token.encode() not in argv, pid
