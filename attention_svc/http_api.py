@@ -21,6 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from attention_svc.engine_loop import ABORTED
+from attention_svc.server import MAX_LABEL_CHARS
 from attention_svc.sessions import SessionError
 from llama4.engine import QueueFull
 from llama4.engine import Request as EngineRequest
@@ -44,6 +45,7 @@ NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_b
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
 MAX_STOP = 16
+MAX_BODY_BYTES = 16 * 2**20  # a request body beyond this is refused (413) before it is read whole
 MAX_TOP_LOGPROBS = {"completion": 5, "chat": 20}  # OpenAI's limits
 
 
@@ -126,6 +128,9 @@ class OpenAIFrontend:
                            "model", code="model_not_found")
         call = Call(kind=kind, prompts=[], params=[])
         call.session_id = _typed(body, "session_id", (str,), "", "a string")
+        if len(call.session_id) > MAX_LABEL_CHARS:
+            raise _bad("session_id", f"session_id is {len(call.session_id)} characters; allowed: at most "
+                                     f"{MAX_LABEL_CHARS}")
         call.new_session = _typed(body, "new_session", (bool,), False, "true or false")
         call.trace_routes = _typed(body, "trace_routes", (bool,), False, "true or false")
         call.return_token_ids = _typed(body, "return_token_ids", (bool,), False, "true or false")
@@ -416,8 +421,13 @@ async def _handle(front: OpenAIFrontend, request: Request, kind: str):
     readiness = front.sv.readiness
     if readiness is not None and readiness.reason.startswith("draining"):
         return ApiError(503, "the server is draining; retry on another replica", type_="server_error").response()
+    raw = bytearray()
+    async for piece in request.stream():
+        raw += piece
+        if len(raw) > MAX_BODY_BYTES:
+            return ApiError(413, f"the request body is over {MAX_BODY_BYTES} bytes").response()
     try:
-        body = json.loads(await request.body() or b"null")
+        body = json.loads(bytes(raw) or b"null")
     except ValueError as exc:
         return _bad(None, f"the request body is not JSON: {exc}").response()
     try:
@@ -509,7 +519,7 @@ async def _stream(front, call, choices, session, rid):
         return f"data: {json.dumps(payload)}\n\n"
 
     offsets = {c.index: 0 for c in choices}
-    answer = ""
+    answer, pending = "", {}
     try:
         if call.kind == "chat":
             for c in choices:
@@ -555,7 +565,7 @@ async def _stream(front, call, choices, session, rid):
         body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
         yield f"data: {json.dumps(body)}\n\n"
     finally:  # also on client disconnect (the task is cancelled): free every sequence
-        for task in locals().get("pending", {}).values():
+        for task in pending.values():
             task.cancel()
         for c in choices:
             c.abort()
