@@ -102,8 +102,7 @@ class Checkpoint:
                              f"nor {p}0.gate_proj.weight (one set of weights per expert)")
 
     def _dtype(self, name: str) -> str:
-        full, sl = self._slice(name)
-        return sl.get_dtype()
+        return self._slice(name)[1].get_dtype()
 
     def _experts_stored_fp8(self) -> bool:
         moe = self.config.moe_layer_list
@@ -166,17 +165,22 @@ class Checkpoint:
             raise HerdInputError(f"checkpoint: {self.full_name(p)}{expert}: gate_proj and up_proj differ in dtype")
         return StoredWeight(torch.cat([gate.w, up.w]), scale), down
 
-    def _unfused(self, name: str, shape: tuple[int, int]) -> StoredWeight:
+    def _unfused_slices(self, name: str, shape: tuple[int, int]):
+        """(weight slice, scale slice or None) of one unfused expert matrix, checked from headers only."""
         full, sl = self._slice(name + ".weight")
         self._check_shape(full, sl.get_shape(), shape)
         if sl.get_dtype() != _FP8:
-            return StoredWeight(sl[:], None)
+            return sl, None
         scale_name = self.full_name(name + ".weight_scale")
         if scale_name not in self._files:
             raise HerdInputError(f"checkpoint: tensor {full!r} is {_FP8} but its scale {scale_name!r} is missing")
         _, scale = self._slice(name + ".weight_scale")
         self._check_shape(scale_name, scale.get_shape(), (shape[0], 1))
-        return StoredWeight(sl[:], scale[:].float().reshape(-1))
+        return sl, scale
+
+    def _unfused(self, name: str, shape: tuple[int, int]) -> StoredWeight:
+        sl, scale = self._unfused_slices(name, shape)
+        return StoredWeight(sl[:], None if scale is None else scale[:].float().reshape(-1))
 
     def check_experts(self) -> None:
         """Every routed-expert tensor (and FP8 scale) exists with its shape, read from headers only:
@@ -193,19 +197,11 @@ class Checkpoint:
                 continue
             for e in range(cfg.num_local_experts):
                 for m, shape in zip(_UNFUSED_MATRICES, ((i, h), (i, h), (h, i)), strict=True):
-                    full, sl = self._slice(f"{p}{e}.{m}.weight")
-                    self._check_shape(full, sl.get_shape(), shape)
+                    sl, _ = self._unfused_slices(f"{p}{e}.{m}", shape)
                     if (sl.get_dtype() == _FP8) != self.stored_fp8:
                         want = _FP8 if self.stored_fp8 else "unquantized"
-                        raise HerdInputError(f"checkpoint: tensor {full!r} is {sl.get_dtype()}; every routed "
-                                             f"expert must be stored alike ({want})")
-                    if self.stored_fp8:
-                        scale_name = self.full_name(f"{p}{e}.{m}.weight_scale")
-                        if scale_name not in self._files:
-                            raise HerdInputError(f"checkpoint: tensor {full!r} is {_FP8} but its scale "
-                                                 f"{scale_name!r} is missing")
-                        _, sc = self._slice(f"{p}{e}.{m}.weight_scale")
-                        self._check_shape(scale_name, sc.get_shape(), (shape[0], 1))
+                        raise HerdInputError(f"checkpoint: tensor {self.full_name(f'{p}{e}.{m}.weight')!r} is "
+                                             f"{sl.get_dtype()}; every routed expert must be stored alike ({want})")
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor],
