@@ -9,6 +9,8 @@ from pathlib import Path
 import openai
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
 from herd.client import Client
@@ -228,3 +230,63 @@ def test_ray_dashboard_token_is_in_a_private_file_and_nowhere_else(cluster):
         except OSError:
             continue
         assert token.encode() not in argv, pid
+
+
+_ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                 st.text(max_size=12), st.lists(st.integers(-5, 300000), max_size=4),
+                 st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
+_MESSAGES = st.one_of(_ANY, st.lists(st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "robot", 3]),
+     "content": st.one_of(st.text(max_size=20), st.lists(st.fixed_dictionaries(
+         {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10)}), max_size=2), _ANY)}),
+    min_size=0, max_size=3))
+_PARAMS = {
+    "max_tokens": st.one_of(st.integers(1, 3), _ANY), "temperature": st.one_of(st.floats(0, 2), _ANY),
+    "top_p": st.one_of(st.floats(0.01, 1), _ANY), "n": st.one_of(st.integers(1, 2), _ANY),
+    "seed": st.one_of(st.integers(0, 2**64), _ANY), "stop": st.one_of(st.text(max_size=3), _ANY),
+    "logprobs": _ANY, "top_logprobs": _ANY, "stream": st.booleans(), "stream_options": _ANY, "user": _ANY,
+    "presence_penalty": _ANY, "session_id": _ANY, "top_k": _ANY, "stop_token_ids": _ANY, "echo": _ANY,
+    "max_completion_tokens": _ANY, "bogus": _ANY,
+}
+
+
+@st.composite
+def _bodies(draw):
+    chat = draw(st.booleans())
+    body = {"model": draw(st.one_of(st.just(DEFAULT_MODEL), st.just(DEFAULT_MODEL), _ANY))}
+    if chat:
+        body["messages"] = draw(_MESSAGES)
+    else:
+        body["prompt"] = draw(st.one_of(st.text(min_size=1, max_size=30), st.lists(st.integers(0, 49151), max_size=5),
+                                        _ANY))
+    for name in draw(st.lists(st.sampled_from(sorted(_PARAMS)), max_size=4, unique=True)):
+        if chat or name not in ("max_completion_tokens", "top_logprobs"):
+            body[name] = draw(_PARAMS[name])
+    body.setdefault("max_tokens", 2)
+    return ("/v1/chat/completions" if chat else "/v1/completions"), body
+
+
+@settings(max_examples=80, deadline=None, database=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(call=_bodies())
+def test_fuzzed_http_requests_get_an_answer_or_a_proper_error(cluster, call):
+    path, body = call
+    try:
+        data = json.dumps(body, allow_nan=True)
+    except (TypeError, ValueError):
+        return
+    resp = requests.post(f"http://{cluster.http_address}{path}", data=data, timeout=120,
+                         headers={"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"})
+    assert resp.status_code in (200, 400, 404, 409), (resp.status_code, resp.text[:300], body)
+    if resp.status_code != 200:
+        err = resp.json()["error"]
+        assert err["message"] and err["type"] == "invalid_request_error"
+    elif body.get("stream") is True:
+        assert resp.text.rstrip().endswith("data: [DONE]"), resp.text[-300:]
+    else:
+        assert resp.json()["choices"]
+
+
+def test_the_server_still_serves_after_the_fuzz(sdk):
+    r = sdk.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=16, temperature=0)
+    assert "Paris" in r.choices[0].message.content
