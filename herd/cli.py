@@ -266,6 +266,15 @@ def _demo(cluster, prompt: str) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from herd.plan import as_json, describe, plan
+
+    p = plan(args.model, args.gpu, args.expert_dtype, workers=args.workers, replicas=args.replicas,
+             context=args.context, batch=args.batch, prefix_tokens=args.prefix_tokens, dtype=args.dtype)
+    print(json.dumps(as_json(p)) if args.json else describe(p, args.context, args.batch, args.prefix_tokens))
+    return 0
+
+
 def cmd_init_model(args) -> int:
     from llama4.store import write_random_checkpoint
 
@@ -338,6 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="workers, their experts, health, load per expert, batch sizes")
     st.add_argument("--target", required=True, help="HOST:PORT of the attention service")
     st.set_defaults(func=cmd_status)
+
+    pl = sub.add_parser("plan", help="memory per expert worker and attention replica, and the fewest workers that fit")
+    pl.add_argument("--model", required=True, help="checkpoint directory or preset (scout, maverick, behemoth)")
+    pl.add_argument("--gpu", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb, "
+                                                       "b200-192gb")
+    pl.add_argument("--expert-dtype", default="bf16", help="bf16, fp32, fp8, int8, int4, int4-g64, int4-g128")
+    pl.add_argument("--dtype", default="bf16", help="dense weights and KV cache: bf16 or fp32")
+    pl.add_argument("--workers", type=int, help="expert workers to check (default: the fewest that fit)")
+    pl.add_argument("--replicas", type=int, default=1, help="workers holding each expert")
+    pl.add_argument("--context", type=int, default=8192, help="tokens per sequence")
+    pl.add_argument("--batch", type=int, default=16, help="sequences an attention replica holds at once")
+    pl.add_argument("--prefix-tokens", type=int, default=1_000_000, help="prefix tokens the Redis KV tier keeps")
+    pl.add_argument("--json", action="store_true", help="one JSON object with `fits` and `min_workers`")
+    pl.set_defaults(func=cmd_plan)
 
     i = sub.add_parser("init-model", help="write a random-weight checkpoint in Hugging Face layout")
     i.add_argument("--preset", required=True)
