@@ -49,7 +49,10 @@ class Checkpoint:
         self._handles: dict[str, object] = {}
         self._model_prefix, self._head_prefix = self._detect_layout()
         self._fingerprint: str | None = None
-        self.quant = QuantSpec.read(json.loads((self.path / "config.json").read_text()).get("quantization_config"))
+        raw = json.loads((self.path / "config.json").read_text())
+        self.quant = QuantSpec.read(raw.get("quantization_config"))
+        self.vision_config = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else None
+        self.image_token_id = raw.get("image_token_index")  # the <|patch|> id image features replace
         if self.quant:
             self.quant.check_ignore(set(self._files))
         self.expert_layout = self._detect_expert_layout()
@@ -140,6 +143,18 @@ class Checkpoint:
         if sl.get_dtype() == _FP8:  # a cast would drop its scale: refuse rather than compute wrong numbers
             raise HerdInputError(f"checkpoint: tensor {full!r} is stored as {_FP8}; herd reads FP8 weights only "
                                  "for routed experts (list this module in quantization_config.ignore)")
+        return sl[:].to(device=device, dtype=dtype)
+
+    def has_tensor(self, full_name: str) -> bool:
+        return full_name in self._files
+
+    def raw_tensor(self, full_name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: str | torch.device = "cpu") -> torch.Tensor:
+        """A tensor outside the text model (the vision tower), by its full checkpoint name."""
+        if full_name not in self._files:
+            raise HerdInputError(f"checkpoint: tensor {full_name!r} is missing from {self.path}")
+        sl = self._handle(self._files[full_name]).get_slice(full_name)
+        self._check_shape(full_name, sl.get_shape(), shape)
         return sl[:].to(device=device, dtype=dtype)
 
     def expert_weights(self, layer: int, expert: int) -> tuple[StoredWeight, StoredWeight]:

@@ -177,3 +177,14 @@ def random_tensors(cfg: ModelConfig, seed: int) -> dict[str, torch.Tensor]:
             tensor = torch.randn(shape, generator=gen) * cfg.initializer_range
         out[name if name.startswith("lm_head.") else "model." + name] = tensor
     return out
+
+
+def load_vision(ckpt: Checkpoint, dtype: torch.dtype, device: str):
+    """The vision tower of a multimodal checkpoint (llama4.vision), or None for a text-only one."""
+    from llama4.vision import VisionConfig, VisionTower, tensor_specs
+
+    if ckpt.vision_config is None:
+        return None
+    cfg = VisionConfig.from_hf_dict(ckpt.vision_config)
+    specs = tensor_specs(cfg, ckpt.config.hidden_size)
+    return VisionTower(cfg, {name: ckpt.raw_tensor(name, shape, dtype, device) for name, shape in specs.items()})

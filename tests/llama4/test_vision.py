@@ -1,0 +1,61 @@
+"""The vision tower equals transformers' Llama4 vision model + projector on a tiny random
+multimodal checkpoint written by save_pretrained, and the prompt layout equals the reference processor's."""
+import pytest
+import torch
+from conftest import tiny_config
+
+from llama4.checkpoint import Checkpoint
+from llama4.vision import VisionConfig, image_prompt
+from llama4.weights import load_vision
+
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vision_output_dim=48,
+              projector_input_dim=48, projector_output_dim=48, image_size=28, patch_size=7, pixel_shuffle_ratio=0.5,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000})
+PATCH_ID = 5  # the tiny vocabulary's stand-in for <|patch|>
+
+
+@pytest.fixture(scope="module")
+def multimodal(tmp_path_factory):
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    text = {k: v for k, v in tiny_config("tiny-scout").to_hf_dict().items() if k not in ("architectures", "torch_dtype")}
+    torch.manual_seed(0)
+    hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=VISION,
+                                                     image_token_index=PATCH_ID)).eval()
+    for p in hf.vision_model.parameters():  # the default init leaves biases and norms trivial: make them count
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny-multimodal")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def test_vision_tower_equals_transformers(multimodal):
+    hf, path = multimodal
+    tower = load_vision(Checkpoint(path), torch.float32, "cpu")
+    pixels = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = hf.multi_modal_projector(hf.vision_model(pixels).last_hidden_state)
+    got = tower(pixels)
+    assert got.shape == want.shape == (3, tower.cfg.tokens_per_tile, 64)
+    assert (got - want).abs().max().item() <= 1e-5 * max(1.0, want.abs().max().item())
+
+
+def test_a_text_checkpoint_has_no_tower(reference_models):
+    assert load_vision(Checkpoint(reference_models["tiny-scout"][1]), torch.float32, "cpu") is None
+
+
+@pytest.mark.parametrize("tiles", [(1, 1), (2, 3), (3, 1)])
+def test_image_prompt_is_the_reference_processors(tiles):
+    from transformers.models.llama4.processing_llama4 import Llama4Processor
+
+    want = Llama4Processor._prompt_split_image(None, tiles, 4)
+    assert "".join(image_prompt(*tiles, 4)) == want
+    tiles_plus_global = tiles[0] * tiles[1] + (1 if tiles[0] * tiles[1] > 1 else 0)
+    assert image_prompt(*tiles, 4).count("<|patch|>") == 4 * tiles_plus_global
+
+
+def test_bad_vision_config_is_refused():
+    from llama4.errors import HerdInputError
+
+    with pytest.raises(HerdInputError, match="image_size=30 must be a multiple of patch_size=7"):
+        VisionConfig.from_hf_dict({**VISION, "image_size": 30})
