@@ -42,16 +42,22 @@ class Llama4Model:
                        hash_seed=hash_seed)
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache, logit_rows: torch.Tensor,
+                images: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """tokens [N] -> fp32 logits [M, V] for the packed rows logit_rows [M]."""
-        h, _ = self.hidden_states(tokens, plan, cache)
+        h, _ = self.hidden_states(tokens, plan, cache, images)
         return self.logits(h, logit_rows)
 
     @torch.inference_mode()
-    def hidden_states(self, tokens: torch.Tensor, plan: StepPlan,
-                      cache: KVCache) -> tuple[torch.Tensor, dict[int, Route]]:
-        """tokens [N] -> final hidden states [N, H] and, per MoE layer, where each row was routed."""
+    def hidden_states(self, tokens: torch.Tensor, plan: StepPlan, cache: KVCache,
+                      images: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[int, Route]]:
+        """tokens [N] -> final hidden states [N, H] and, per MoE layer, where each row was routed.
+        images: (rows [R], features [R, H]): image features (llama4.vision) that replace those rows'
+        embeddings (early fusion: every layer sees them as tokens)."""
         h, routes = self.w.embed[tokens], {}  # [N, H]
+        if images is not None:
+            h = h.clone()
+            h[images[0]] = images[1].to(h.dtype)
         for layer, lw in enumerate(self.w.layers):
             h = h + self._attention(layer, lw, rms_norm(h, lw.input_norm, self.cfg.rms_norm_eps), plan, cache)
             x = rms_norm(h, lw.post_norm, self.cfg.rms_norm_eps)

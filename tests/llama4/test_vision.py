@@ -18,7 +18,8 @@ PATCH_ID = 5  # the tiny vocabulary's stand-in for <|patch|>
 def multimodal(tmp_path_factory):
     from transformers import Llama4Config, Llama4ForConditionalGeneration
 
-    text = {k: v for k, v in tiny_config("tiny-scout").to_hf_dict().items() if k not in ("architectures", "torch_dtype")}
+    skip = ("architectures", "torch_dtype")
+    text = {k: v for k, v in tiny_config("tiny-scout").to_hf_dict().items() if k not in skip}
     torch.manual_seed(0)
     hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=VISION,
                                                      image_token_index=PATCH_ID)).eval()
@@ -59,3 +60,33 @@ def test_bad_vision_config_is_refused():
 
     with pytest.raises(HerdInputError, match="image_size=30 must be a multiple of patch_size=7"):
         VisionConfig.from_hf_dict({**VISION, "image_size": 30})
+
+
+def test_image_features_fused_into_the_text_model_equal_transformers_logits(multimodal):
+    from llama4.model import Llama4Model
+
+    hf, path = multimodal
+    ckpt = Checkpoint(path)
+    model, tower = Llama4Model.load(ckpt), load_vision(ckpt, torch.float32, "cpu")
+    assert ckpt.image_token_id == PATCH_ID
+    gen = torch.Generator().manual_seed(2)
+    pixels = torch.randn(5, 3, 28, 28, generator=gen)  # an image of 2 x 2 tiles + its global tile
+    layout = image_prompt(2, 2, tower.cfg.tokens_per_tile)
+    stand_in = {"<|patch|>": PATCH_ID, "<|image_start|>": 6, "<|image_end|>": 7, "<|image|>": 8,
+                "<|tile_x_separator|>": 9, "<|tile_y_separator|>": 10}
+    ids = [1] + torch.randint(11, 1000, (7,), generator=gen).tolist() + [stand_in[t] for t in layout] + \
+        torch.randint(11, 1000, (9,), generator=gen).tolist()
+    tokens = torch.tensor(ids)
+    rows = (tokens == PATCH_ID).nonzero()[:, 0]
+    features = tower(pixels).reshape(-1, model.cfg.hidden_size)
+    assert len(rows) == len(features)
+    cache = model.new_cache(1024)
+    cache.ensure(0, len(ids))
+    got = model.forward(tokens, cache.plan([(0, 0, len(ids))]), cache, torch.arange(len(ids)), (rows, features))
+    with torch.no_grad():
+        want = hf(input_ids=tokens[None], pixel_values=pixels).logits[0]
+    assert (got - want).abs().max().item() <= 1e-4
+    without = model.new_cache(1024)
+    without.ensure(0, len(ids))
+    plain = model.forward(tokens, without.plan([(0, 0, len(ids))]), without, torch.arange(len(ids)))
+    assert (plain - want).abs().max().item() > 1e-2  # the image changed the answer
