@@ -30,7 +30,7 @@ from llama4.model import Llama4Model
 from llama4.quant import serving_fingerprint
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer, Tokenizer
-from llama4.weights import DenseWeights
+from llama4.weights import DenseWeights, load_vision
 from plumbing.auth import bearer, matches
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 
@@ -228,7 +228,9 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
     if moe is None:
         model = Llama4Model.load(ckpt, dtype, device, expert_dtype=expert_dtype)
     else:
-        model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
+        # The vision tower is dense: it runs here, beside attention; image tokens then travel as tokens.
+        model = Llama4Model(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device,
+                            load_vision(ckpt, dtype, device), ckpt.image_token_id)
     tier, sessions = None, None
     if redis_url:
         fingerprint = ours

@@ -99,6 +99,7 @@ class StepInputs:
     score_rows: list[int]  # [R] packed rows of scored prompts ...
     score_targets: list[int]  # [R] ... and the prompt token each of them predicts
     plan: StepPlan
+    images: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed rows [I], image features [I, H])
 
 
 class Engine:
@@ -147,6 +148,7 @@ class Engine:
         req.params.validate(vocab, self.max_new_tokens)
         need(0 <= req.top_logprobs <= MAX_TOP_LOGPROBS, "top_logprobs", req.top_logprobs,
              f"an integer from 0 to {MAX_TOP_LOGPROBS}")
+        self._validate_images(req)
         total = len(req.prompt_ids) + req.params.max_tokens
         if total > self.max_model_len:
             raise HerdInputError(
@@ -156,13 +158,53 @@ class Engine:
             raise HerdInputError(f"prompt + max_tokens = {total} exceeds the KV cache size "
                                  f"{self.cache.num_blocks * self.cache.block_size}")
 
+    def _validate_images(self, req: Request) -> None:
+        model = self.model
+        patch = model.image_token_id
+        slots = sum(1 for t in req.prompt_ids if t == patch) if patch is not None else 0
+        if not req.images:
+            if slots and model.vision is not None:
+                raise HerdInputError(f"prompt has {slots} image patch tokens and no images; allowed: one image per "
+                                     "<|image|> placeholder")
+            return
+        if model.vision is None:
+            raise HerdInputError("this model has no vision tower; allowed: text prompts")
+        per_tile = model.vision.cfg.tokens_per_tile
+        wanted = sum(img.num_tiles for img in req.images) * per_tile
+        if slots != wanted:
+            raise HerdInputError(f"prompt has {slots} image patch tokens; its {len(req.images)} images need {wanted}")
+
     def add(self, req: Request) -> Sequence:
         """Check and queue a request; HerdInputError if it is invalid, QueueFull if the queue is."""
         self.validate(req)
         req.params = req.params.normalized()
         seq = Sequence(next(self._ids), req, list(req.prompt_ids), req.params.make_generator())
+        if req.images:
+            self._place_images(seq)
         self.scheduler.add(seq)
         return seq
+
+    def _place_images(self, seq: Sequence) -> None:
+        """Where each image's features go, and the salt of every block they touch (its KV depends on them)."""
+        per_tile, bs = self.model.vision.cfg.tokens_per_tile, self.cache.block_size
+        seq.image_positions = [i for i, t in enumerate(seq.tokens) if t == self.model.image_token_id]
+        at = 0
+        for img in seq.request.images:
+            rows = seq.image_positions[at : at + img.num_tiles * per_tile]
+            at += len(rows)
+            for block in sorted({p // bs for p in rows}):
+                seq.block_salts[block] = seq.block_salts.get(block, b"") + img.digest
+
+    def _image_rows(self, seq: Sequence, start: int, n: int, row: int) -> tuple[list[int], list[int]]:
+        """Packed rows of this step's chunk [start, start + n) that take image features, and their feature index."""
+        if not seq.image_positions or start >= seq.num_prompt:
+            return [], []
+        if seq.image_features is None:  # encoded once, at the first prefill step (kept across preemption)
+            h = self.cfg.hidden_size
+            seq.image_features = torch.cat([self.model.vision(img.pixels.to(self.model.device)).reshape(-1, h)
+                                            for img in seq.request.images])
+        index = [k for k, p in enumerate(seq.image_positions) if start <= p < start + n]
+        return [row + seq.image_positions[k] - start for k in index], index
 
     def cache_usage(self) -> float:
         """Fraction of the in-memory KV cache's blocks in use (of the scarcest layer kind)."""
@@ -200,10 +242,15 @@ class Engine:
     def _prepare(self, batch: list[tuple[Sequence, int]]) -> StepInputs:
         """Pack the step's tokens (their blocks are ensured) and choose the rows that want logits."""
         entries, tokens, sample_rows, score_rows, score_targets, row = [], [], [], [], [], 0
+        image_rows, image_features = [], []
         for seq, n in batch:
             start = seq.num_computed
             entries.append((seq.id, start, n))
             tokens.extend(seq.tokens[start : start + n])
+            rows, index = self._image_rows(seq, start, n, row)
+            if rows:
+                image_rows.extend(rows)
+                image_features.append(seq.image_features[index])
             if seq.request.prompt_logprobs and start < seq.num_prompt:
                 for j in range(n):  # row j predicts the prompt token at start + j + 1
                     if start + j + 1 < seq.num_prompt:
@@ -212,13 +259,17 @@ class Engine:
             elif start + n == len(seq.tokens):
                 sample_rows.append(row + n - 1)
             row += n
-        return StepInputs(batch, tokens, sample_rows, score_rows, score_targets, self.cache.plan(entries))
+        images = None
+        if image_rows:
+            images = (torch.tensor(image_rows, dtype=torch.long, device=self.model.device), torch.cat(image_features))
+        return StepInputs(batch, tokens, sample_rows, score_rows, score_targets, self.cache.plan(entries), images)
 
     def _run(self, work: StepInputs) -> tuple[torch.Tensor, torch.Tensor, dict[int, Route]]:
         """The forward pass: fp32 logits [M, V] of the sample rows, log-probabilities [R] of the
         scored prompt tokens (computed chunk by chunk: no [R, V] copy), each MoE layer's route."""
         device = self.model.device
-        h, routes = self.model.hidden_states(torch.tensor(work.tokens, device=device), work.plan, self.cache)
+        h, routes = self.model.hidden_states(torch.tensor(work.tokens, device=device), work.plan, self.cache,
+                                             work.images)
         logits = self.model.logits(h, torch.tensor(work.sample_rows, dtype=torch.long, device=device))
         scores = torch.empty(0)
         if work.score_rows:
@@ -295,7 +346,7 @@ class Engine:
         if max_blocks <= 0 or not tier.available():
             return 0
         start = time.perf_counter()
-        hashes = cache.block_hashes(seq.id, seq.tokens, max_blocks)
+        hashes = cache.block_hashes(seq.id, seq.tokens, max_blocks, seq.block_salts)
         n = tier.count_present(hashes, cache.anchor_kind)
         loaded: dict[tuple[int, LayerKind], torch.Tensor] = {}
         while n > 0:
@@ -327,7 +378,7 @@ class Engine:
         if not todo:
             cache.mark_saved(seq.id, end)
             return
-        hashes = cache.block_hashes(seq.id, seq.tokens, end // cache.block_size)
+        hashes = cache.block_hashes(seq.id, seq.tokens, end // cache.block_size, seq.block_salts)
         bs = cache.block_size
         entries = [(EntryKey(hashes[i], kind, (i + 1) * bs), cache.read_block(seq.id, kind, i).cpu())
                    for i, kind in todo]

@@ -126,14 +126,17 @@ class KVCache:
         self._saved.pop(seq_id, None)
 
     # ---- blocks and the second tier ----
-    def block_hashes(self, seq_id, tokens: list[int], num_blocks: int) -> list[bytes]:
-        """Chained hashes of the first num_blocks full blocks of tokens (remembered per sequence)."""
+    def block_hashes(self, seq_id, tokens: list[int], num_blocks: int,
+                     salts: dict[int, bytes] | None = None) -> list[bytes]:
+        """Chained hashes of the first num_blocks full blocks of tokens (remembered per sequence).
+        salts: block -> bytes the block's KV also depends on (the digests of the images whose
+        features fill its positions): the same token ids with other images never share KV."""
         hashes = self._hashes.setdefault(seq_id, [])
         prev = hashes[-1] if hashes else self.hash_seed
         bs = self.block_size
         for i in range(len(hashes), num_blocks):
             block = torch.tensor(tokens[i * bs : (i + 1) * bs], dtype=torch.int64).numpy().tobytes()
-            prev = hashlib.blake2b(prev + block, digest_size=16).digest()
+            prev = hashlib.blake2b(prev + block + (salts or {}).get(i, b""), digest_size=16).digest()
             hashes.append(prev)
         return hashes[:num_blocks]
 

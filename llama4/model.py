@@ -15,14 +15,16 @@ from llama4.checkpoint import Checkpoint
 from llama4.config import ModelConfig
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, StepPlan
 from llama4.moe import LocalMoE, MoEBackend, Route
-from llama4.weights import DenseWeights, LayerWeights, load_experts, load_gates
+from llama4.weights import DenseWeights, LayerWeights, load_experts, load_gates, load_vision
 
 LOGPROB_CHUNK = 256  # rows of [rows, V] fp32 logits alive at once when scoring prompts
 
 
 class Llama4Model:
-    def __init__(self, cfg: ModelConfig, weights: DenseWeights, moe: MoEBackend, dtype: torch.dtype, device: str):
+    def __init__(self, cfg: ModelConfig, weights: DenseWeights, moe: MoEBackend, dtype: torch.dtype, device: str,
+                 vision=None, image_token_id: int | None = None):
         self.cfg, self.w, self.moe, self.dtype, self.device = cfg, weights, moe, dtype, device
+        self.vision, self.image_token_id = vision, image_token_id  # llama4.vision.VisionTower, the <|patch|> id
         self.inv_freq = rope_inv_freq(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling).to(device)
 
     @classmethod
@@ -34,7 +36,8 @@ class Llama4Model:
             all_experts = list(range(ckpt.config.num_local_experts))
             moe = LocalMoE(load_gates(ckpt, dtype, device),
                            load_experts(ckpt, all_experts, dtype, device, expert_dtype))
-        return cls(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device)
+        return cls(ckpt.config, DenseWeights.load(ckpt, dtype, device), moe, dtype, device,
+                   load_vision(ckpt, dtype, device), ckpt.image_token_id)
 
     def new_cache(self, max_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE,
                   hash_seed: bytes = b"") -> KVCache:

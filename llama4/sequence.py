@@ -16,6 +16,7 @@ class Request:
     prompt_logprobs: bool = False  # score mode: log p(token_i | tokens_<i) for the prompt
     trace_routes: bool = False  # report the expert and worker of every MoE layer for each token
     top_logprobs: int = 0  # report this many most likely tokens (and their logprobs) at each step
+    images: tuple = ()  # llama4.vision.Image, in the order of their <|patch|> runs in the prompt
 
 
 @dataclass
@@ -29,6 +30,9 @@ class Sequence:
     num_preemptions: int = 0
     output_logprobs: list[float] = field(default_factory=list)
     prompt_logprobs: list[float | None] = field(default_factory=list)
+    image_positions: list[int] = field(default_factory=list)  # prompt positions the image features fill
+    image_features: torch.Tensor | None = None  # [len(image_positions), H], computed at the first prefill
+    block_salts: dict[int, bytes] = field(default_factory=dict)  # block -> digests of the images it holds
     finish_reason: str | None = None  # "stop", "length", "abort" or "error"
     error: str | None = None  # with finish_reason "error": what failed, for this sequence alone
     retryable: bool = False  # the error was the step's (e.g. the expert cluster), not this request's

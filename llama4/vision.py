@@ -24,6 +24,27 @@ LAYER_NORM_EPS = 1e-5  # the reference's nn.LayerNorm default (its config's norm
 
 
 @dataclass(frozen=True)
+class Image:
+    """One image of a request, as the tower takes it: its tiles, their layout and what identifies it."""
+
+    pixels: torch.Tensor  # [T, C, S, S]: tiles_high x tiles_wide tiles, then the global tile when T > 1
+    tiles: tuple[int, int]  # (tiles_high, tiles_wide)
+    digest: bytes  # of the decoded pixels: the KV cache's block hashes cover it
+
+    @property
+    def num_tiles(self) -> int:
+        h, w = self.tiles
+        return h * w + (1 if h * w > 1 else 0)
+
+    @classmethod
+    def of(cls, pixels: torch.Tensor, tiles: tuple[int, int]) -> Image:
+        import hashlib
+
+        data = pixels.detach().cpu().contiguous().float().numpy().tobytes()
+        return cls(pixels, tiles, hashlib.sha256(data).digest())
+
+
+@dataclass(frozen=True)
 class VisionConfig:
     hidden_size: int = 1408
     num_hidden_layers: int = 34

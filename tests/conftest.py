@@ -211,3 +211,25 @@ def fp8_checkpoint(reference_models, tmp_path_factory):
     ref = hf_reference(tiny_config("tiny-maverick"))
     ref.load_state_dict(weights, strict=True)
     return path, ref
+
+
+VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vision_output_dim=48,
+              projector_input_dim=48, projector_output_dim=48, image_size=28, patch_size=7, pixel_shuffle_ratio=0.5,
+              rope_parameters={"rope_type": "default", "rope_theta": 10000})
+PATCH_ID = 5  # the tiny vocabulary's stand-in for <|patch|>
+
+
+@pytest.fixture(scope="session")
+def multimodal(tmp_path_factory):
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    skip = ("architectures", "torch_dtype")
+    text = {k: v for k, v in tiny_config("tiny-scout").to_hf_dict().items() if k not in skip}
+    torch.manual_seed(0)
+    hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=VISION,
+                                                     image_token_index=PATCH_ID)).eval()
+    for p in hf.vision_model.parameters():  # the default init leaves biases and norms trivial: make them count
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny-multimodal")
+    hf.save_pretrained(path)
+    return hf, path

@@ -191,3 +191,29 @@ def test_chat_session_rerenders_the_conversation_and_reuses_its_kv(herd_home, re
     with pytest.raises(grpc.RpcError) as err:
         serve_turn(path, redis_server.url, llama_pb2.GenerateRequest(session_id="conv-tokens", chat=chat("hi")))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "token history" in err.value.details()
+
+
+def test_kv_blocks_holding_an_image_are_shared_only_with_the_same_image(multimodal, redis_server):
+    """Same token ids, other pixels: the blocks from the image on are another prompt's."""
+    from conftest import PATCH_ID
+
+    from llama4.vision import Image, image_prompt
+
+    path = multimodal[1]
+    model = Llama4Model.load(Checkpoint(path))
+    layout = image_prompt(1, 1, model.vision.cfg.tokens_per_tile)
+    stand_in = {"<|patch|>": PATCH_ID, "<|image_start|>": 6, "<|image_end|>": 7, "<|image|>": 8}
+    ids = tokens(32, 7) + [stand_in[t] for t in layout] + tokens(40, 8)  # blocks 0-1 text, block 2 the image
+    cat, dog = (Image.of(torch.randn(1, 3, 28, 28, generator=torch.Generator().manual_seed(s)), (1, 1))
+                for s in (1, 2))
+
+    def ask(engine, image):
+        return engine.run([Request(ids, SamplingParams(max_tokens=4, ignore_eos=True), images=(image,))])[0]
+
+    ask(engine_with_tier(model, path, redis_server.url), cat)
+    other_image = ask(engine_with_tier(model, path, redis_server.url), dog)
+    assert other_image.num_cached == 32  # the text before the image, and no further
+    same_image = ask(engine_with_tier(model, path, redis_server.url), cat)
+    assert same_image.num_cached == 64  # through the image's block and beyond
+    fresh = ask(Engine(model), cat)
+    assert same_image.output_ids == fresh.output_ids

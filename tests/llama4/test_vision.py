@@ -2,32 +2,11 @@
 multimodal checkpoint written by save_pretrained, and the prompt layout equals the reference processor's."""
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import PATCH_ID, VISION
 
 from llama4.checkpoint import Checkpoint
 from llama4.vision import VisionConfig, image_prompt
 from llama4.weights import load_vision
-
-VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128, vision_output_dim=48,
-              projector_input_dim=48, projector_output_dim=48, image_size=28, patch_size=7, pixel_shuffle_ratio=0.5,
-              rope_parameters={"rope_type": "default", "rope_theta": 10000})
-PATCH_ID = 5  # the tiny vocabulary's stand-in for <|patch|>
-
-
-@pytest.fixture(scope="module")
-def multimodal(tmp_path_factory):
-    from transformers import Llama4Config, Llama4ForConditionalGeneration
-
-    skip = ("architectures", "torch_dtype")
-    text = {k: v for k, v in tiny_config("tiny-scout").to_hf_dict().items() if k not in skip}
-    torch.manual_seed(0)
-    hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=VISION,
-                                                     image_token_index=PATCH_ID)).eval()
-    for p in hf.vision_model.parameters():  # the default init leaves biases and norms trivial: make them count
-        p.data.add_(0.05 * torch.randn_like(p))
-    path = tmp_path_factory.mktemp("tiny-multimodal")
-    hf.save_pretrained(path)
-    return hf, path
 
 
 def test_vision_tower_equals_transformers(multimodal):
@@ -90,3 +69,65 @@ def test_image_features_fused_into_the_text_model_equal_transformers_logits(mult
     without.ensure(0, len(ids))
     plain = model.forward(tokens, without.plan([(0, 0, len(ids))]), without, torch.arange(len(ids)))
     assert (plain - want).abs().max().item() > 1e-2  # the image changed the answer
+
+
+STAND_IN = {"<|patch|>": PATCH_ID, "<|image_start|>": 6, "<|image_end|>": 7, "<|image|>": 8,
+            "<|tile_x_separator|>": 9, "<|tile_y_separator|>": 10}
+
+
+def image_request_ids(tower, tiles, seed, before=7, after=9):
+    gen = torch.Generator().manual_seed(seed)
+    layout = image_prompt(*tiles, tower.cfg.tokens_per_tile)
+    return ([1] + torch.randint(11, 1000, (before,), generator=gen).tolist() + [STAND_IN[t] for t in layout]
+            + torch.randint(11, 1000, (after,), generator=gen).tolist())
+
+
+def test_greedy_generation_with_an_image_equals_transformers_generate(multimodal):
+    from llama4.engine import Engine, Request
+    from llama4.model import Llama4Model
+    from llama4.sampling import SamplingParams
+    from llama4.vision import Image
+
+    hf, path = multimodal
+    model = Llama4Model.load(Checkpoint(path))
+    pixels = torch.randn(7, 3, 28, 28, generator=torch.Generator().manual_seed(3))  # 2 x 3 tiles + global
+    ids = image_request_ids(model.vision, (2, 3), 4)
+    image = Image.of(pixels, (2, 3))
+    # A small step budget: the image's rows arrive over several prefill chunks.
+    (seq,) = Engine(model, max_step_tokens=16).run(
+        [Request(ids, SamplingParams(max_tokens=16, ignore_eos=True), images=(image,))])
+    with torch.no_grad():
+        want = hf.generate(input_ids=torch.tensor([ids]), pixel_values=pixels, max_new_tokens=16, do_sample=False,
+                           min_new_tokens=16)[0, len(ids):].tolist()
+    assert seq.output_ids == want
+
+
+@pytest.fixture(scope="module")
+def mm_model(multimodal):
+    from llama4.model import Llama4Model
+
+    return Llama4Model.load(Checkpoint(multimodal[1]))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("no image", "image patch tokens and no images"),
+    ("too few patches", "its 1 images need"),
+    ("text model", "no vision tower"),
+])
+def test_bad_image_requests_are_refused(mm_model, reference_models, case, message):
+    from llama4.engine import Engine, Request
+    from llama4.errors import HerdInputError
+    from llama4.model import Llama4Model
+    from llama4.vision import Image
+
+    ids = image_request_ids(mm_model.vision, (1, 1), 5)
+    image = Image.of(torch.randn(1, 3, 28, 28), (1, 1))
+    model, images = mm_model, (image,)
+    if case == "no image":
+        images = ()
+    elif case == "too few patches":
+        ids = [t for t in ids if t != PATCH_ID][:-1] + [PATCH_ID]
+    else:
+        model = Llama4Model.load(Checkpoint(reference_models["tiny-scout"][1]))
+    with pytest.raises(HerdInputError, match=message):
+        Engine(model).add(Request(ids, images=images))
