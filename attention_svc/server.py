@@ -25,11 +25,13 @@ from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, QueueFull, Request
 from llama4.errors import HerdInputError, need
+from llama4.images import ImageProcessor
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
 from llama4.quant import serving_fingerprint
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer, Tokenizer
+from llama4.vision import Image, expand_images
 from llama4.weights import DenseWeights, load_vision
 from plumbing.auth import bearer, matches
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
@@ -37,6 +39,7 @@ from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 log = logging.getLogger("herd.attention")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_STREAMS = 256
+MAX_IMAGES = 8  # per prompt (Meta tested Llama 4 with up to 8)
 MAX_LABEL_CHARS = 256  # request_id and session_id: client-chosen, so bounded before they reach logs or Redis keys
 HEALTH_THREADS = 16  # server threads beyond the stream limit: health, Status, Tokenize
 
@@ -51,18 +54,45 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         self.operator_secrets: list[str] = []  # callers sending one of these see internal addresses in Status
         self.streams = threading.BoundedSemaphore(DEFAULT_MAX_STREAMS)  # Generate/Score at once (serve() sets it)
         self.readiness: Readiness | None = None
+        vision = loop.engine.model.vision
+        self.images = ImageProcessor(tile_size=vision.cfg.image_size) if vision is not None else None
+        self.max_images = MAX_IMAGES
 
     # ---- input at the edge ----
     def _ids(self, which: str, msg, add_bos: bool = True) -> list[int]:
+        return self._prompt(which, msg, add_bos)[0]
+
+    def _prompt(self, which: str, msg, add_bos: bool = True) -> tuple[list[int], tuple[Image, ...]]:
+        """The prompt's ids, with each <|image|> placeholder expanded, and its decoded images."""
+        parts = list(getattr(msg, "images", ()))
         if which == "text":
             if not msg.text:
                 raise HerdInputError("text is empty; allowed: a non-empty prompt")
-            return self.tok.encode(msg.text, add_bos=add_bos)
-        if which == "ids":
-            return list(msg.ids.ids)
-        if which == "chat":
-            return self.tok.apply_chat(_messages(msg.chat))
-        raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
+            ids = self.tok.encode(msg.text, add_bos=add_bos)
+        elif which == "ids":
+            ids = list(msg.ids.ids)
+        elif which == "chat":
+            if parts:
+                raise HerdInputError("images is set with a chat prompt; allowed: images as parts of the messages")
+            messages, parts = _messages(msg.chat)
+            ids = self.tok.apply_chat(messages)
+        else:
+            raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
+        if not parts:
+            return ids, ()
+        vision = self.loop.engine.model.vision
+        if vision is None or self.images is None:
+            raise HerdInputError("this model has no vision tower; allowed: text prompts")
+        if len(parts) > self.max_images:
+            raise HerdInputError(f"the prompt has {len(parts)} images; allowed: at most {self.max_images}")
+        images = tuple(self.images(p.data, p.media_type) for p in parts)
+        return expand_images(ids, list(images), self._special_id, vision.cfg.tokens_per_tile), images
+
+    def _special_id(self, name: str) -> int:
+        token = self.tok.token_to_id(name)
+        if token is None:
+            raise HerdInputError(f"this tokenizer has no {name} token; allowed: text prompts")
+        return token
 
     def _params(self, p: llama_pb2.SamplingParams) -> SamplingParams:
         """The request's sampling parameters; the engine checks them (Engine.validate)."""
@@ -114,17 +144,19 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         from Redis up to the first token that differs. A text or ids session appends the
         turn's tokens to the session's tokens."""
         which = request.WhichOneof("prompt")
+        if request.images or (which == "chat" and any(m.parts for m in request.chat.messages)):
+            raise HerdInputError("images in a session are not supported yet; allowed: images without session_id")
         past = self.sessions.read(request.session_id, new=request.new_session)
         if which == "chat":
             if past.tokens and past.messages is None:
                 raise HerdInputError(f"session {request.session_id!r} holds a token history; "
                                      "continue it with text or ids")
-            messages = (past.messages or []) + _messages(request.chat)
+            messages = (past.messages or []) + _messages(request.chat)[0]
             return self.tok.apply_chat(messages), messages, past
         return past.tokens + self._ids(which, request, add_bos=not past.tokens), None, past
 
     def Generate(self, request, context):
-        messages, session = None, None
+        messages, session, images = None, None, ()
         try:
             for name in ("request_id", "session_id"):
                 value = getattr(request, name)
@@ -136,13 +168,14 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
             elif request.new_session:
                 raise HerdInputError("new_session is set without a session_id; allowed: new_session with a session_id")
             else:
-                ids = self._ids(request.WhichOneof("prompt"), request)
+                ids, images = self._prompt(request.WhichOneof("prompt"), request)
             params = self._params(request.sampling)
         except HerdInputError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except SessionError as exc:
             context.abort(grpc.StatusCode[exc.status], str(exc))
-        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex, trace_routes=request.trace_routes)
+        req = Request(ids, params, request_id=request.request_id or uuid.uuid4().hex, trace_routes=request.trace_routes,
+                      images=images)
         detok = Detokenizer(self.tok)
         for ev in self._run(req, context):
             out = llama_pb2.GenerateResponse()
@@ -166,10 +199,11 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
 
     def Score(self, request, context):
         try:
-            ids = self._ids(request.WhichOneof("input"), request)
+            ids, images = self._prompt(request.WhichOneof("input"), request)
         except HerdInputError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        req = Request(ids, SamplingParams(max_tokens=0), request_id=uuid.uuid4().hex, prompt_logprobs=True)
+        req = Request(ids, SamplingParams(max_tokens=0), request_id=uuid.uuid4().hex, prompt_logprobs=True,
+                      images=images)
         seq = None
         for ev in self._run(req, context):
             seq = ev.seq
@@ -204,10 +238,26 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         return out
 
 
-def _messages(chat: llama_pb2.ChatMessages) -> list[dict]:
+def _messages(chat: llama_pb2.ChatMessages) -> tuple[list[dict], list[llama_pb2.ImagePart]]:
+    """The messages (content a string, or text and image parts in order) and their images in order."""
     if not chat.messages:
         raise HerdInputError("chat.messages is empty; allowed: at least one message")
-    return [{"role": m.role, "content": m.content} for m in chat.messages]
+    messages, images = [], []
+    for i, m in enumerate(chat.messages):
+        if not m.parts:
+            messages.append({"role": m.role, "content": m.content})
+            continue
+        if m.content:
+            raise HerdInputError(f"chat.messages[{i}] has both content and parts; allowed: one of them")
+        parts = []
+        for part in m.parts:
+            if part.WhichOneof("part") == "image":
+                parts.append({"type": "image"})
+                images.append(part.image)
+            else:
+                parts.append({"type": "text", "text": part.text})
+        messages.append({"role": m.role, "content": parts})
+    return messages, images
 
 
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,

@@ -95,8 +95,10 @@ class Tokenizer:
 
     def _check_messages(self, messages: list[dict]) -> None:
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
-                raise HerdInputError(f"messages[{i}] must have string 'role' and 'content'")
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not (
+                    isinstance(m.get("content"), str) or _is_parts(m.get("content"))):
+                raise HerdInputError(f"messages[{i}] must have a string 'role' and a 'content' string or parts "
+                                     "([{type: text, text}, {type: image}])")
             if m["role"] not in self.roles:
                 raise HerdInputError(f"messages[{i}].role={m['role']!r} is invalid; allowed: {sorted(self.roles)}")
 
@@ -119,10 +121,29 @@ class Tokenizer:
         ids, pos = [], 0
         for found in mark.finditer(rendered):
             ids += self._backend.encode(rendered[pos : found.start()])
-            content = messages[int(found.group(1))]["content"]
-            ids += self._backend.encode_ordinary(content.strip() if self._trims_content else content)
+            ids += self._encode_content(messages[int(found.group(1))]["content"])
             pos = found.end()
         return ids + self._backend.encode(rendered[pos:])
+
+    def _encode_content(self, content) -> list[int]:
+        """Text as ordinary text; each image part as one <|image|> placeholder (expanded with its image)."""
+        parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+        if self._trims_content:
+            texts = [i for i, p in enumerate(parts) if p["type"] == "text"]
+            parts = [dict(p) for p in parts]
+            if texts:
+                parts[texts[0]]["text"] = parts[texts[0]]["text"].lstrip()
+                parts[texts[-1]]["text"] = parts[texts[-1]]["text"].rstrip()
+        ids = []
+        for p in parts:
+            if p["type"] == "image":
+                placeholder = self.token_to_id("<|image|>")
+                if placeholder is None:
+                    raise HerdInputError("this tokenizer has no <|image|> token; allowed: text content")
+                ids.append(placeholder)
+            else:
+                ids += self._backend.encode_ordinary(p["text"])
+        return ids
 
     @property
     def _trims_content(self) -> bool:
@@ -231,6 +252,14 @@ class _TiktokenBackend:
             return self._enc.encode_single_token(token)
         except KeyError:
             return None
+
+
+def _is_parts(content) -> bool:
+    def ok(p) -> bool:
+        return isinstance(p, dict) and (p.get("type") == "image"
+                                        or (p.get("type") == "text" and isinstance(p.get("text"), str)))
+
+    return isinstance(content, list) and all(ok(p) for p in content)
 
 
 class Detokenizer:

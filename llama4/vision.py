@@ -191,3 +191,21 @@ def image_prompt(tiles_high: int, tiles_wide: int, tokens_per_tile: int) -> list
                     out.append(TILE_X)
             out.append(TILE_Y)
     return out + [IMAGE] + [PATCH] * tokens_per_tile + [IMAGE_END]
+
+
+def expand_images(ids: list[int], images: list[Image], token_id, tokens_per_tile: int) -> list[int]:
+    """Replace each `<|image|>` placeholder in ids by the tokens of the next image (image_prompt).
+    token_id(name) gives a special token's id."""
+    placeholder = token_id(IMAGE)
+    count = ids.count(placeholder)
+    if count != len(images):
+        raise HerdInputError(f"prompt has {count} <|image|> placeholders for {len(images)} images; "
+                             "allowed: one placeholder per image")
+    out, it = [], iter(images)
+    for t in ids:
+        if t == placeholder:
+            img = next(it)
+            out += [token_id(name) for name in image_prompt(*img.tiles, tokens_per_tile)]
+        else:
+            out.append(t)
+    return out

@@ -233,3 +233,37 @@ def multimodal(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny-multimodal")
     hf.save_pretrained(path)
     return hf, path
+
+
+@pytest.fixture(scope="session")
+def multimodal_maverick(tmp_path_factory):
+    """(transformers model, checkpoint dir): tiny Maverick shape with Llama 4's vocabulary and a small vision tower,
+    so Meta's tokenizer (and its image tokens) serves it."""
+    from transformers import Llama4Config, Llama4ForConditionalGeneration
+
+    skip = ("architectures", "torch_dtype")
+    text = {k: v for k, v in preset("tiny-maverick").to_hf_dict().items() if k not in skip}
+    torch.manual_seed(0)
+    hf = Llama4ForConditionalGeneration(Llama4Config(text_config=text, vision_config=VISION,
+                                                     image_token_index=200092)).eval()
+    for p in hf.vision_model.parameters():
+        p.data.add_(0.05 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny-maverick-multimodal")
+    hf.save_pretrained(path)
+    return hf, path
+
+
+def png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes:
+    """A PNG of random pixels."""
+    import io
+
+    from PIL import Image as PILImage
+
+    gen = torch.Generator().manual_seed(seed)
+    if mode == "1":
+        img = PILImage.new("1", (width, height))
+    else:
+        img = PILImage.fromarray(torch.randint(0, 256, (height, width, 3), generator=gen, dtype=torch.uint8).numpy())
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    return buf.getvalue()

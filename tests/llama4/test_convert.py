@@ -146,7 +146,8 @@ def test_quantized_experts_keep_perplexity_the_answer_and_shrink_memory(ours, co
     assert ratio <= max_ppl_ratio, f"{kind}: perplexity {ratio:.4f}x fp32's"
     fp32 = sum(expert_bytes(model.moe.experts).values())
     held = expert_bytes(quantized.moe.experts)
-    assert set(held) == {kind, "bfloat16"}  # the weights, and their scales
+    # The weights, and their scales: bf16 for the packed kernels, fp32 when dequantizing was measured faster.
+    assert kind in held and set(held) <= {kind, "bfloat16", "float32"}
     assert fp32 / sum(held.values()) >= min_memory_ratio
     prompt = tok.apply_chat([{"role": "user", "content": "What is the capital of France?"}])
     (want,) = Engine(model).run([Request(prompt, SamplingParams(max_tokens=24))])

@@ -1,0 +1,91 @@
+"""Images through the whole cluster: the attention service decodes, tiles and encodes them; the
+router and expert workers see image tokens as tokens. Equal to the monolithic model and to transformers."""
+import concurrent.futures
+
+import grpc
+import pytest
+import torch
+from conftest import png
+
+from herd.client import Client
+from herdpb import llama_pb2, llama_pb2_grpc
+from llama4.checkpoint import Checkpoint
+from llama4.engine import Engine, Request
+from llama4.images import ImageProcessor
+from llama4.model import Llama4Model
+from llama4.sampling import SamplingParams
+from llama4.tokenizer import Tokenizer
+from llama4.vision import expand_images
+from plumbing.grpc_server import channel
+
+WIDE, TALL = png(90, 40, seed=1), png(30, 70, seed=2)  # 2 x 4 and 3 x 2 tiles of 28 px (least upscaling)
+
+
+@pytest.fixture(scope="module")
+def cluster(local_cluster, multimodal_maverick):
+    with local_cluster(model=str(multimodal_maverick[1]), workers=2, kv_tier=False) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def mono(multimodal_maverick):
+    return Llama4Model.load(Checkpoint(multimodal_maverick[1]))
+
+
+def stub(cluster):
+    from herd.client import default_secret
+
+    return llama_pb2_grpc.LlamaStub(channel(cluster.attention_address, 64 << 20, secret=default_secret()))
+
+
+def prompt_request(text, images):
+    return llama_pb2.ScoreRequest(text=text, images=[llama_pb2.ImagePart(data=d, media_type="image/png")
+                                                     for d in images])
+
+
+def test_image_prompt_scores_equal_monolithic_and_transformers(cluster, mono, multimodal_maverick):
+    hf, path = multimodal_maverick
+    text = "Compare <|image|> with <|image|> please."
+    got = stub(cluster).Score(prompt_request(text, [WIDE, TALL]), timeout=120)
+    tok = Tokenizer.for_checkpoint(path)
+    proc = ImageProcessor(tile_size=mono.vision.cfg.image_size)
+    images = [proc(WIDE), proc(TALL)]
+    assert [img.tiles for img in images] == [(2, 4), (3, 2)]  # different layouts, each with its global tile
+    ids = expand_images(tok.encode(text, add_bos=True), images, tok.token_to_id, mono.vision.cfg.tokens_per_tile)
+    assert list(got.ids) == ids
+    (seq,) = Engine(mono).run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True,
+                                       images=tuple(images))])
+    mono_lp = torch.tensor(seq.prompt_logprobs[1:])
+    assert (torch.tensor(list(got.logprobs)) - mono_lp).abs().max().item() <= 1e-5
+    pixels = torch.cat([img.pixels for img in images]).float()
+    with torch.no_grad():
+        logits = hf(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0].float()
+    want = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert (mono_lp - want).abs().max().item() <= 1e-4
+
+
+def test_chat_parts_and_generation_with_an_image(cluster, mono):
+    chat = llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", parts=[
+        llama_pb2.ContentPart(image=llama_pb2.ImagePart(data=WIDE)), llama_pb2.ContentPart(text="Describe it.")])])
+    req = llama_pb2.GenerateRequest(chat=chat, sampling=llama_pb2.SamplingParams(max_tokens=8, ignore_eos=True))
+    out = [t for msg in stub(cluster).Generate(req, timeout=120) for t in msg.token_ids]
+    assert len(out) == 8
+    again = [t for msg in stub(cluster).Generate(req, timeout=120) for t in msg.token_ids]
+    assert out == again
+
+
+@pytest.mark.parametrize("images, text, message", [
+    ([b"GIF89a not supported"], "<|image|>", "not a PNG or JPEG"),
+    ([WIDE], "no placeholder here", "0 <|image|> placeholders for 1 images"),
+    ([WIDE] * 9, "<|image|>" * 9, "at most 8"),
+    ([png(10000, 6000, mode="1")], "<|image|>", "pixels; allowed: at most"),
+])
+def test_bad_images_are_refused_and_others_are_served(cluster, images, text, message):
+    client = Client(cluster.attention_address)
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        other = pool.submit(lambda: [t for m in client.generate(ids=[200000, 1000, 2000], max_tokens=6,
+                                                                 ignore_eos=True) for t in m.token_ids])
+        with pytest.raises(grpc.RpcError) as err:
+            stub(cluster).Score(prompt_request(text, images), timeout=60)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
+        assert len(other.result(timeout=120)) == 6
