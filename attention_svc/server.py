@@ -25,13 +25,13 @@ from herdpb import llama_pb2, llama_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.engine import Engine, QueueFull, Request
 from llama4.errors import HerdInputError, need
-from llama4.images import ImageProcessor
+from llama4.images import MAX_IMAGES, ImageProcessor, with_images
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE
 from llama4.model import Llama4Model
 from llama4.quant import serving_fingerprint
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer, Tokenizer
-from llama4.vision import Image, expand_images
+from llama4.vision import Image
 from llama4.weights import DenseWeights, load_vision
 from plumbing.auth import bearer, matches
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
@@ -39,7 +39,6 @@ from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
 log = logging.getLogger("herd.attention")
 DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_STREAMS = 256
-MAX_IMAGES = 8  # per prompt (Meta tested Llama 4 with up to 8)
 MAX_LABEL_CHARS = 256  # request_id and session_id: client-chosen, so bounded before they reach logs or Redis keys
 HEALTH_THREADS = 16  # server threads beyond the stream limit: health, Status, Tokenize
 
@@ -78,15 +77,8 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
             ids = self.tok.apply_chat(messages)
         else:
             raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
-        if not parts:
-            return ids, ()
-        vision = self.loop.engine.model.vision
-        if vision is None or self.images is None:
-            raise HerdInputError("this model has no vision tower; allowed: text prompts")
-        if len(parts) > self.max_images:
-            raise HerdInputError(f"the prompt has {len(parts)} images; allowed: at most {self.max_images}")
-        images = tuple(self.images(p.data, p.media_type) for p in parts)
-        return expand_images(ids, list(images), self._special_id, vision.cfg.tokens_per_tile), images
+        return with_images(ids, [(p.data, p.media_type) for p in parts], self.loop.engine.model.vision,
+                           self._special_id, self.max_images, self.images)
 
     def _special_id(self, name: str) -> int:
         token = self.tok.token_to_id(name)

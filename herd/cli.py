@@ -47,12 +47,32 @@ def _load_local(args):
     return Engine(model), tok
 
 
-def _prompt_ids(args, tok) -> list[int]:
+def _images(args) -> list[bytes]:
+    from pathlib import Path
+
+    return [Path(f).read_bytes() for f in getattr(args, "image", None) or []]
+
+
+def _chat(args, images: list[bytes]) -> list[dict]:
+    """--chat with --image: the images first, then the prompt's text."""
+    if not images:
+        return [{"role": "user", "content": args.prompt}]
+    parts = [{"type": "image", "data": d} for d in images] + [{"type": "text", "text": args.prompt}]
+    return [{"role": "user", "content": parts}]
+
+
+def _local_prompt(args, tok, model, text: str | None) -> tuple[list[int], tuple]:
+    """Ids (each <|image|> expanded) and images of a local run, as the attention service builds them."""
+    from llama4.images import MAX_IMAGES, with_images
+
+    images = _images(args)
     if getattr(args, "ids", None):
-        return _parse_ids(args.ids)
-    if args.chat:
-        return tok.apply_chat([{"role": "user", "content": args.prompt}])
-    return tok.encode(args.prompt, add_bos=True)
+        ids = _parse_ids(args.ids)
+    elif getattr(args, "chat", False):
+        ids = tok.apply_chat(_chat(args, images))
+    else:
+        ids = tok.encode(text, add_bos=True)
+    return with_images(ids, [(d, "") for d in images], model.vision, tok.token_to_id, MAX_IMAGES)
 
 
 def cmd_generate(args) -> int:
@@ -69,7 +89,8 @@ def cmd_generate(args) -> int:
     engine, tok = _load_local(args)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed)
-    seq = engine.add(Request(_prompt_ids(args, tok), params))
+    ids, images = _local_prompt(args, tok, engine.model, args.prompt)
+    seq = engine.add(Request(ids, params, images=images))
     detok, start, n = Detokenizer(tok), time.perf_counter(), 0
     while engine.has_work:
         for event in engine.step():
@@ -90,7 +111,8 @@ def _generate_remote(args) -> int:
     client = Client(args.target)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                   seed=args.seed)
-    prompt = {"chat": [{"role": "user", "content": args.prompt}]} if args.chat else {"text": args.prompt}
+    images = _images(args)
+    prompt = {"chat": _chat(args, images)} if args.chat else {"text": args.prompt, "images": images}
     start, n, reason, trace = time.perf_counter(), 0, "", []
     for msg in client.generate(**prompt, **kwargs, session_id=args.session or "", new_session=args.new_session,
                                trace_routes=args.trace):
@@ -113,16 +135,16 @@ def cmd_score(args) -> int:
     if args.target:
         from herd.client import Client
 
-        resp = (Client(args.target).score(ids=_parse_ids(args.ids)) if args.ids
-                else Client(args.target).score(text=args.text))
+        resp = (Client(args.target).score(ids=_parse_ids(args.ids), images=_images(args)) if args.ids
+                else Client(args.target).score(text=args.text, images=_images(args)))
         ids, logprobs = list(resp.ids), [None, *resp.logprobs]
     else:
         from llama4.engine import Request
         from llama4.sampling import SamplingParams
 
         engine, tok = _load_local(args)
-        ids = _parse_ids(args.ids) if args.ids else tok.encode(args.text, add_bos=True)
-        (seq,) = engine.run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True)])
+        ids, images = _local_prompt(args, tok, engine.model, args.text)
+        (seq,) = engine.run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True, images=images)])
         logprobs = seq.prompt_logprobs
     if args.json:
         print(json.dumps({"ids": ids, "logprobs": logprobs}))
@@ -320,6 +342,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--image", action="append", metavar="FILE",
+                   help="a PNG or JPEG for the next <|image|> in the prompt (repeatable; with --chat, before the text)")
     g.set_defaults(func=cmd_generate)
 
     s = sub.add_parser("score", help="log-probability of each token given the ones before it")
@@ -329,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--ids", help="comma-separated token ids")
     s.add_argument("--json", action="store_true", help='print {"ids": [...], "logprobs": [...]}')
     s.add_argument("--target", help="HOST:PORT of a running cluster")
+    s.add_argument("--image", action="append", metavar="FILE", help="a PNG or JPEG for the next <|image|> (repeatable)")
     s.set_defaults(func=cmd_score)
 
     u = sub.add_parser("up", help="start the local cluster: redis, ray, expert workers, router, attention")

@@ -36,7 +36,8 @@ class Client:
         self.timeout = timeout
 
     def generate(self, *, text=None, ids=None, chat=None, max_tokens=64, temperature=0.0, top_p=1.0, top_k=0,
-                 seed=None, ignore_eos=False, request_id="", session_id="", new_session=False, trace_routes=False):
+                 seed=None, ignore_eos=False, request_id="", session_id="", new_session=False, trace_routes=False,
+                 images=()):
         """Stream GenerateResponses. With session_id, new_session=True starts the conversation;
         later turns continue it (a turn that raced another on the session fails with ABORTED)."""
         req = llama_pb2.GenerateRequest(request_id=request_id, session_id=session_id, new_session=new_session,
@@ -45,18 +46,29 @@ class Client:
             req.ids.ids.extend(ids)
         elif chat is not None:
             for m in chat:
-                req.chat.messages.add(role=m["role"], content=m["content"])
+                msg = req.chat.messages.add(role=m["role"])
+                if isinstance(m["content"], str):
+                    msg.content = m["content"]
+                    continue
+                for part in m["content"]:  # {"type": "text", "text": ...} or {"type": "image", "data": bytes}
+                    if part["type"] == "image":
+                        image = llama_pb2.ImagePart(data=part["data"], media_type=part.get("media_type", ""))
+                        msg.parts.add(image=image)
+                    else:
+                        msg.parts.add(text=part["text"])
         else:
             req.text = text
+        req.images.extend(llama_pb2.ImagePart(data=d) for d in images)  # with text or ids: one per <|image|>
         s = req.sampling
         s.max_tokens, s.temperature, s.top_p, s.top_k, s.ignore_eos = max_tokens, temperature, top_p, top_k, ignore_eos
         if seed is not None:
             s.seed = seed
         return self._call(lambda: self.stub.Generate(req, timeout=self.timeout), stream=True)
 
-    def score(self, *, text=None, ids=None) -> llama_pb2.ScoreResponse:
+    def score(self, *, text=None, ids=None, images=()) -> llama_pb2.ScoreResponse:
         req = (llama_pb2.ScoreRequest(text=text) if ids is None
                else llama_pb2.ScoreRequest(ids=llama_pb2.TokenIds(ids=ids)))
+        req.images.extend(llama_pb2.ImagePart(data=d) for d in images)
         return self._call(lambda: self.stub.Score(req, timeout=self.timeout))
 
     def status(self) -> llama_pb2.ClusterStatus:

@@ -21,6 +21,7 @@ from llama4.vision import Image
 
 MEDIA_TYPES = {"image/png": b"\x89PNG\r\n\x1a\n", "image/jpeg": b"\xff\xd8\xff"}
 MAX_PIXELS = 50_000_000  # a larger image is refused before decoding (decompression bombs)
+MAX_IMAGES = 8  # per prompt (Meta tested Llama 4 with up to 8)
 MEAN = STD = 0.5
 
 
@@ -117,3 +118,20 @@ def _tiles(img: torch.Tensor, tiles_h: int, tiles_w: int) -> torch.Tensor:
     c, h, w = img.shape
     return (img.view(c, tiles_h, h // tiles_h, tiles_w, w // tiles_w).permute(1, 3, 0, 2, 4)
             .reshape(tiles_h * tiles_w, c, h // tiles_h, w // tiles_w))
+
+
+def with_images(ids: list[int], blobs: list[tuple[bytes, str]], vision, token_id, max_images: int,
+                processor: ImageProcessor | None = None) -> tuple[list[int], tuple[Image, ...]]:
+    """A prompt's ids with each <|image|> placeholder expanded, and its images decoded and tiled.
+    blobs: (bytes, media type) per image, in placeholder order; vision: the model's VisionTower or None."""
+    from llama4.vision import expand_images
+
+    if not blobs:
+        return ids, ()
+    if vision is None:
+        raise HerdInputError("this model has no vision tower; allowed: text prompts")
+    if len(blobs) > max_images:
+        raise HerdInputError(f"the prompt has {len(blobs)} images; allowed: at most {max_images}")
+    processor = processor or ImageProcessor(tile_size=vision.cfg.image_size)
+    images = tuple(processor(data, media_type) for data, media_type in blobs)
+    return expand_images(ids, list(images), token_id, vision.cfg.tokens_per_tile), images

@@ -89,3 +89,27 @@ def test_bad_images_are_refused_and_others_are_served(cluster, images, text, mes
             stub(cluster).Score(prompt_request(text, images), timeout=60)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and message in err.value.details()
         assert len(other.result(timeout=120)) == 6
+
+
+def test_cli_score_and_generate_take_images(cluster, multimodal_maverick, herd_home, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "wide.png").write_bytes(WIDE)
+    env = {**os.environ, "HERD_HOME": str(herd_home)}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "herd", *a], capture_output=True, text=True, env=env,
+                                    timeout=300)
+    args = ["score", "--text", "Look: <|image|>", "--image", str(tmp_path / "wide.png"), "--json"]
+    remote = run(*args, "--target", cluster.attention_address)
+    local = run(*args, "--model", str(multimodal_maverick[1]))
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
+    r, m = json.loads(remote.stdout), json.loads(local.stdout)
+    assert r["ids"] == m["ids"] and r["ids"].count(200092) == 9 * 4  # 2 x 4 tiles + global, 4 patches each
+    assert max(abs(a - b) for a, b in zip(r["logprobs"][1:], m["logprobs"][1:], strict=True)) <= 1e-5
+    chat = run("generate", "--chat", "--prompt", "What is it?", "--image", str(tmp_path / "wide.png"),
+               "--max-tokens", "4", "--target", cluster.attention_address)
+    assert chat.returncode == 0, chat.stderr
+    bad = run("score", "--text", "Look", "--image", str(tmp_path / "wide.png"), "--target", cluster.attention_address)
+    assert bad.returncode == 2 and "0 <|image|> placeholders for 1 images" in bad.stderr
