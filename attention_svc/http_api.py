@@ -5,6 +5,7 @@ events; GET /metrics (Prometheus). Parameters follow OpenAI's API reference. Par
 does not have are refused with 400, as OpenAI does; OpenAI parameters that change the output
 and herd does not implement (penalties, logit_bias, tools, ...) are refused unless they are at
 their neutral value; those that do not (user, metadata, store, ...) are accepted and ignored.
+Chat content parts may be images as `image_url` parts with `data:` URLs (herd fetches nothing).
 herd's own parameters (pass them with the SDK's `extra_body`): `session_id`, `new_session`,
 `trace_routes` (each choice gets `routes`: per token, [layer, expert, worker] of every MoE layer),
 `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids` (each choice gets `token_ids`).
@@ -26,6 +27,7 @@ from attention_svc.sessions import SessionError
 from llama4.engine import QueueFull
 from llama4.engine import Request as EngineRequest
 from llama4.errors import HerdInputError
+from llama4.images import with_images
 from llama4.sampling import SamplingParams
 from llama4.tokenizer import Detokenizer
 from plumbing.auth import matches
@@ -99,6 +101,8 @@ class Call:
     trace_routes: bool = False
     return_token_ids: bool = False
     prompt_tokens: int = 0
+    image_blobs: list = field(default_factory=list)  # (bytes, media type) of a chat's image parts, in order
+    images: tuple = ()  # decoded (llama4.vision.Image), set with the prompt's ids
 
 
 class OpenAIFrontend:
@@ -135,7 +139,10 @@ class OpenAIFrontend:
         call.trace_routes = _typed(body, "trace_routes", (bool,), False, "true or false")
         call.return_token_ids = _typed(body, "return_token_ids", (bool,), False, "true or false")
         if kind == "chat":
-            call.messages = self._messages(body)
+            call.messages, call.image_blobs = self._messages(body)
+            if call.image_blobs and call.session_id:
+                raise _bad("session_id", "images in a session are not supported yet; allowed: images without "
+                                         "session_id")
             call.prompts = [call.messages]  # rendered below (a session prepends its history)
             max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
             name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
@@ -181,28 +188,34 @@ class OpenAIFrontend:
                     stop_token_ids=tuple(stop_ids), ignore_eos=ignore_eos))
         return call
 
-    def _messages(self, body) -> list[dict]:
+    def _messages(self, body) -> tuple[list[dict], list[tuple[bytes, str]]]:
+        """The messages (content a string, or text and image parts) and the images' bytes in order."""
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages:
             raise _bad("messages", "messages must be a non-empty list of {role, content}")
-        out = []
+        out, images = [], []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or not isinstance(m.get("role"), str):
                 raise _bad(f"messages[{i}]", f"messages[{i}] must be an object with a string role")
             content = m.get("content")
-            if isinstance(content, list):  # content parts: text only (images arrive with the vision path)
-                texts = []
+            if isinstance(content, list):
+                parts = []
                 for j, part in enumerate(content):
-                    if not (isinstance(part, dict) and part.get("type") == "text"
-                            and isinstance(part.get("text"), str)):
-                        raise _bad(f"messages[{i}].content[{j}]",
-                                   f"messages[{i}].content[{j}] is not supported; allowed: {{type: text, text}}")
-                    texts.append(part["text"])
-                content = "".join(texts)
-            if not isinstance(content, str):
-                raise _bad(f"messages[{i}].content", f"messages[{i}].content must be a string or text parts")
+                    where = f"messages[{i}].content[{j}]"
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    if kind == "text" and isinstance(part.get("text"), str):
+                        parts.append({"type": "text", "text": part["text"]})
+                    elif kind == "image_url":
+                        images.append(_data_url(part.get("image_url"), where))
+                        parts.append({"type": "image"})
+                    else:
+                        raise _bad(where, f"{where} is not supported; allowed: {{type: text, text}} or "
+                                          "{type: image_url, image_url: {url: data:image/png;base64,...}}")
+                content = parts
+            elif not isinstance(content, str):
+                raise _bad(f"messages[{i}].content", f"messages[{i}].content must be a string or content parts")
             out.append({"role": m["role"], "content": content})
-        return out
+        return out, images
 
     def _prompts(self, prompt) -> list[list[int]]:
         """str, [str], [int] or [[int]]: one or more prompts."""
@@ -245,7 +258,10 @@ class OpenAIFrontend:
         """The prompts' ids; with a session, its history first (chat re-renders the conversation)."""
         if not call.session_id:
             if call.kind == "chat":
-                return [self.sv.tok.apply_chat(call.messages)], None
+                ids, call.images = with_images(self.sv.tok.apply_chat(call.messages), call.image_blobs,
+                                               self.sv.loop.engine.model.vision, self.sv._special_id,
+                                               self.sv.max_images, self.sv.images)
+                return [ids], None
             return call.prompts, None
         if self.sv.sessions is None:
             raise _bad("session_id", "session_id needs the Redis KV tier, which this server runs without")
@@ -267,7 +283,7 @@ class OpenAIFrontend:
         n = len(call.params) // len(prompts)
         aio = asyncio.get_running_loop()
         requests = [EngineRequest(ids, call.params[p * n + j], request_id=uuid.uuid4().hex,
-                                  trace_routes=call.trace_routes, top_logprobs=call.logprobs or 0)
+                                  trace_routes=call.trace_routes, top_logprobs=call.logprobs or 0, images=call.images)
                     for p, ids in enumerate(prompts) for j in range(n)]
         sinks = [_Sink(aio) for _ in requests]
         lives = self.sv.loop.submit_group(requests, sinks)
@@ -347,6 +363,24 @@ class _Choice:
     def abort(self) -> None:
         if not self.done:
             self.front.sv.loop.abort(self.live)
+
+
+def _data_url(image_url, where: str) -> tuple[bytes, str]:
+    """{url: "data:image/png;base64,..."} -> (bytes, media type). Only data: URLs: herd fetches nothing."""
+    import base64
+    import binascii
+
+    url = image_url.get("url") if isinstance(image_url, dict) else image_url
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise _bad(where, f"{where}.image_url.url must be a data: URL (data:image/png;base64,...); "
+                          "herd does not fetch images")
+    media_type, payload = url[len("data:"):].split(";base64,", 1)
+    if len(payload) > MAX_BODY_BYTES:
+        raise ApiError(413, f"{where}: the image is over {MAX_BODY_BYTES} bytes")
+    try:
+        return base64.b64decode(payload, validate=True), media_type
+    except (binascii.Error, ValueError):
+        raise _bad(where, f"{where}.image_url.url is not valid base64") from None
 
 
 def _token_text(tok, token: int) -> str:

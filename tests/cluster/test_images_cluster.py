@@ -113,3 +113,27 @@ def test_cli_score_and_generate_take_images(cluster, multimodal_maverick, herd_h
     assert chat.returncode == 0, chat.stderr
     bad = run("score", "--text", "Look", "--image", str(tmp_path / "wide.png"), "--target", cluster.attention_address)
     assert bad.returncode == 2 and "0 <|image|> placeholders for 1 images" in bad.stderr
+
+
+def test_openai_chat_takes_image_url_data_urls(cluster):
+    import base64
+
+    import openai
+
+    sdk = openai.OpenAI(base_url=f"http://{cluster.http_address}/v1", api_key=cluster.api_key, max_retries=0)
+    model = sdk.models.list().data[0].id
+    url = "data:image/png;base64," + base64.b64encode(WIDE).decode()
+    content = [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "Describe it."}]
+    r = sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": content}], max_tokens=6,
+                                    temperature=0, extra_body={"return_token_ids": True, "ignore_eos": True})
+    chat = llama_pb2.ChatMessages(messages=[llama_pb2.ChatMessage(role="user", parts=[
+        llama_pb2.ContentPart(image=llama_pb2.ImagePart(data=WIDE)), llama_pb2.ContentPart(text="Describe it.")])])
+    req = llama_pb2.GenerateRequest(chat=chat, sampling=llama_pb2.SamplingParams(max_tokens=6, ignore_eos=True))
+    grpc_tokens = [t for msg in stub(cluster).Generate(req, timeout=120) for t in msg.token_ids]
+    assert r.choices[0].model_extra["token_ids"] == grpc_tokens
+    assert r.usage.prompt_tokens > 36  # the image's 9 tiles x 4 patches are prompt tokens
+    for bad_url, needle in (("https://example.com/cat.png", "data: URL"), ("data:image/png;base64,@@@", "base64")):
+        bad = [{"type": "image_url", "image_url": {"url": bad_url}}]
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": bad}], max_tokens=2)
+        assert needle in err.value.body["message"] and err.value.body["param"] == "messages[0].content[0]"
