@@ -195,14 +195,24 @@ class Engine:
             for block in sorted({p // bs for p in rows}):
                 seq.block_salts[block] = seq.block_salts.get(block, b"") + img.digest
 
+    def _encode_images(self, batch: list[tuple[Sequence, int]]) -> None:
+        """Run the vision tower once over every tile of the step's sequences that start their images now
+        (features are kept on the sequence, across chunks and preemption)."""
+        todo = [seq for seq, _ in batch if seq.image_positions and seq.image_features is None]
+        if not todo:
+            return
+        tiles = [img.pixels for seq in todo for img in seq.request.images]
+        features = self.model.vision(torch.cat(tiles).to(self.model.device))  # [T, tokens_per_tile, H]
+        at = 0
+        for seq in todo:
+            count = sum(img.num_tiles for img in seq.request.images)
+            seq.image_features = features[at : at + count].reshape(-1, self.cfg.hidden_size)
+            at += count
+
     def _image_rows(self, seq: Sequence, start: int, n: int, row: int) -> tuple[list[int], list[int]]:
         """Packed rows of this step's chunk [start, start + n) that take image features, and their feature index."""
         if not seq.image_positions or start >= seq.num_prompt:
             return [], []
-        if seq.image_features is None:  # encoded once, at the first prefill step (kept across preemption)
-            h = self.cfg.hidden_size
-            seq.image_features = torch.cat([self.model.vision(img.pixels.to(self.model.device)).reshape(-1, h)
-                                            for img in seq.request.images])
         index = [k for k, p in enumerate(seq.image_positions) if start <= p < start + n]
         return [row + seq.image_positions[k] - start for k in index], index
 
@@ -243,6 +253,7 @@ class Engine:
         """Pack the step's tokens (their blocks are ensured) and choose the rows that want logits."""
         entries, tokens, sample_rows, score_rows, score_targets, row = [], [], [], [], [], 0
         image_rows, image_features = [], []
+        self._encode_images(batch)
         for seq, n in batch:
             start = seq.num_computed
             entries.append((seq.id, start, n))

@@ -131,3 +131,25 @@ def test_bad_image_requests_are_refused(mm_model, reference_models, case, messag
         model = Llama4Model.load(Checkpoint(reference_models["tiny-scout"][1]))
     with pytest.raises(HerdInputError, match=message):
         Engine(model).add(Request(ids, images=images))
+
+
+def test_images_of_one_step_are_encoded_together_and_each_request_gets_its_own(mm_model):
+    from llama4.engine import Engine, Request
+    from llama4.sampling import SamplingParams
+    from llama4.vision import Image
+
+    gen = torch.Generator().manual_seed(9)
+    requests = [Request(image_request_ids(mm_model.vision, tiles, seed), SamplingParams(max_tokens=6, ignore_eos=True),
+                        images=(Image.of(torch.randn(n, 3, 28, 28, generator=gen), tiles),))
+                for seed, tiles, n in ((11, (1, 1), 1), (12, (1, 2), 3), (13, (2, 2), 5))]
+    alone = [Engine(mm_model).run([r])[0].output_ids for r in requests]
+    calls = []
+    tower = mm_model.vision
+    mm_model.vision = type("Counting", (), {"cfg": tower.cfg, "__call__": lambda self, px: calls.append(len(px))
+                                            or tower(px)})()
+    try:
+        together = [s.output_ids for s in Engine(mm_model).run(requests)]
+    finally:
+        mm_model.vision = tower
+    assert together == alone
+    assert calls == [1 + 3 + 5]  # one tower call for the step's nine tiles
