@@ -198,7 +198,8 @@ class Engine:
     def _encode_images(self, batch: list[tuple[Sequence, int]]) -> None:
         """Run the vision tower once over every tile of the step's sequences that start their images now
         (features are kept on the sequence, across chunks and preemption)."""
-        todo = [seq for seq, _ in batch if seq.image_positions and seq.image_features is None]
+        todo = [seq for seq, _ in batch if seq.image_positions and seq.image_features is None
+                and seq.image_positions[-1] >= seq.num_computed]  # all of it loaded from the KV tier: no need
         if not todo:
             return
         tiles = [img.pixels for seq in todo for img in seq.request.images]
