@@ -46,6 +46,7 @@ NEUTRAL = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "logit_b
            "audio": (), "prediction": (), "reasoning_effort": (), "web_search_options": ()}
 COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_N = 16
+MAX_CHOICES = 64  # prompts x n of one request
 MAX_STOP = 16
 MAX_BODY_BYTES = 16 * 2**20  # a request body beyond this is refused (413) before it is read whole
 MAX_TOP_LOGPROBS = {"completion": 5, "chat": 20}  # OpenAI's limits
@@ -108,8 +109,8 @@ class Call:
 class OpenAIFrontend:
     """OpenAI requests in, engine requests on the servicer's engine loop, OpenAI's shapes out."""
 
-    def __init__(self, servicer, model_id: str, secrets: list[str] | None = None, metrics=None):
-        self.sv, self.model_id, self.secrets, self.metrics = servicer, model_id, secrets or [], metrics
+    def __init__(self, servicer, model_id: str):
+        self.sv, self.model_id = servicer, model_id
         self.created = int(time.time())
 
     # ---- parsing ----
@@ -158,6 +159,9 @@ class OpenAIFrontend:
         default_tokens = COMPLETION_MAX_TOKENS if kind == "completion" else self.sv.default_max_tokens
         max_tokens = _number({name: max_tokens}, name, default_tokens, 1, 2**31 - 1, integer=True)
         n = _number(body, "n", 1, 1, MAX_N, integer=True)
+        if n * len(call.prompts) > MAX_CHOICES:  # every choice is a sequence in the shared engine queue
+            raise _bad("n", f"{len(call.prompts)} prompts x n={n} = {n * len(call.prompts)} choices; allowed: at "
+                            f"most {MAX_CHOICES} per request")
         if call.session_id and (n > 1 or len(call.prompts) > 1):
             raise _bad("n", "a session continues one conversation; allowed: n=1 and one prompt with session_id")
         if call.new_session and not call.session_id:
@@ -259,7 +263,7 @@ class OpenAIFrontend:
         if not call.session_id:
             if call.kind == "chat":
                 ids, call.images = with_images(self.sv.tok.apply_chat(call.messages), call.image_blobs,
-                                               self.sv.loop.engine.model.vision, self.sv._special_id,
+                                               self.sv.loop.engine.model.vision, self.sv.special_id,
                                                self.sv.max_images, self.sv.images)
                 return [ids], None
             return call.prompts, None
@@ -411,7 +415,7 @@ def create_app(servicer, model_id: str, api_keys: list[str] | None = None, clust
     """The HTTP app over the servicer's engine loop. With api_keys every route but /health needs
     `Authorization: Bearer <key>` (a key, or the cluster token)."""
     secrets = [*(api_keys or []), *([cluster_token] if cluster_token else [])]
-    front = OpenAIFrontend(servicer, model_id, secrets, metrics)
+    front = OpenAIFrontend(servicer, model_id)
     app = FastAPI(title="herd", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")

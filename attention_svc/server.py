@@ -78,9 +78,9 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         else:
             raise HerdInputError("prompt is missing; allowed: one of text, ids, chat")
         return with_images(ids, [(p.data, p.media_type) for p in parts], self.loop.engine.model.vision,
-                           self._special_id, self.max_images, self.images)
+                           self.special_id, self.max_images, self.images)
 
-    def _special_id(self, name: str) -> int:
+    def special_id(self, name: str) -> int:
         token = self.tok.token_to_id(name)
         if token is None:
             raise HerdInputError(f"this tokenizer has no {name} token; allowed: text prompts")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import time
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -82,12 +83,23 @@ def _dtype_label(t: torch.Tensor) -> str:
     return {FP8: "fp8", torch.int8: "int8"}.get(t.dtype, str(t.dtype).removeprefix("torch."))
 
 
-def _bytes(**parts: torch.Tensor) -> dict[str, int]:
+def _bytes(*tensors: torch.Tensor) -> dict[str, int]:
     out: dict[str, int] = {}
-    for label, t in parts.items():
-        key = label if label.startswith("int4") else _dtype_label(t)
-        out[key] = out.get(key, 0) + t.numel() * t.element_size()
+    for t in tensors:
+        out[_dtype_label(t)] = out.get(_dtype_label(t), 0) + t.numel() * t.element_size()
     return out
+
+
+class ExpertBank(Protocol):
+    """One matrix of every expert a process serves."""
+
+    kernel: str
+
+    def mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        """rows @ W_e in rows' dtype."""
+
+    def nbytes(self) -> dict[str, int]:
+        """Resident bytes by storage dtype."""
 
 
 class DenseBank:
@@ -102,7 +114,7 @@ class DenseBank:
         return rows @ self.w[e]
 
     def nbytes(self) -> dict[str, int]:
-        return _bytes(w=self.w)
+        return _bytes(self.w)
 
 
 class Fp8Bank:
@@ -124,7 +136,7 @@ class Fp8Bank:
         return ((rows @ w.t()).float() * self.scale[e]).to(rows.dtype)
 
     def nbytes(self) -> dict[str, int]:
-        return _bytes(q=self.q, scale=self.scale)
+        return _bytes(self.q, self.scale)
 
 
 class Int8Bank:
@@ -142,7 +154,7 @@ class Int8Bank:
         return ((rows @ self.q[e].t().to(rows.dtype)).float() * self.scale[e]).to(rows.dtype)
 
     def nbytes(self) -> dict[str, int]:
-        return _bytes(q=self.q, scale=self.scale)
+        return _bytes(self.q, self.scale)
 
 
 class Int4Bank:
@@ -176,7 +188,7 @@ class Int4Bank:
         return rows @ w.t()
 
     def nbytes(self) -> dict[str, int]:
-        return {"int4": self.packed.numel() * self.packed.element_size(), **_bytes(scale_zero=self.scale_zero)}
+        return {"int4": self.packed.numel() * self.packed.element_size(), **_bytes(self.scale_zero)}
 
 
 def _int4pack(q: torch.Tensor) -> torch.Tensor:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from llama4.config import ModelConfig
+from llama4.config import ModelConfig, read_config_json
 from llama4.errors import HerdInputError
 from llama4.quant import QuantSpec
 
@@ -44,12 +44,12 @@ class Checkpoint:
         self.path = Path(path)
         if not self.path.is_dir():
             raise HerdInputError(f"model: {self.path} is not a directory")
-        self.config = ModelConfig.from_dir(self.path)
+        raw = read_config_json(self.path)  # read once: the text config, quantization and vision all come from it
+        self.config = ModelConfig.from_hf_dict(raw, name=str(self.path))
         self._files = self._index()
         self._handles: dict[str, object] = {}
         self._model_prefix, self._head_prefix = self._detect_layout()
         self._fingerprint: str | None = None
-        raw = json.loads((self.path / "config.json").read_text())
         self.quant = QuantSpec.read(raw.get("quantization_config"))
         self.vision_config = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else None
         self.image_token_id = raw.get("image_token_index")  # the <|patch|> id image features replace

@@ -171,15 +171,7 @@ class ModelConfig:
 
     @classmethod
     def from_dir(cls, path: str | Path) -> ModelConfig:
-        cfg_path = Path(path) / "config.json"
-        try:
-            raw = json.loads(cfg_path.read_text())
-        except FileNotFoundError:
-            raise HerdInputError(f"model: {cfg_path} does not exist; "
-                                 "allowed: a directory with a HF config.json, or a preset name") from None
-        except (OSError, json.JSONDecodeError) as exc:
-            raise HerdInputError(f"model: cannot read {cfg_path}: {exc}") from None
-        return cls.from_hf_dict(raw, name=str(path))
+        return cls.from_hf_dict(read_config_json(path), name=str(path))
 
     def to_hf_dict(self) -> dict:
         """A config.json that transformers' Llama4TextConfig reads back to the same model."""
@@ -224,6 +216,21 @@ class ModelConfig:
                 total += attn + norms + dense
                 active += attn + norms + dense
         return total, active
+
+
+def read_config_json(path: str | Path) -> dict:
+    """A checkpoint directory's config.json, whole (the wrapper's quantization and vision configs too)."""
+    cfg_path = Path(path) / "config.json"
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except FileNotFoundError:
+        raise HerdInputError(f"model: {cfg_path} does not exist; "
+                             "allowed: a directory with a HF config.json, or a preset name") from None
+    except (OSError, json.JSONDecodeError) as exc:
+        raise HerdInputError(f"model: cannot read {cfg_path}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise HerdInputError(f"model: {cfg_path} must hold a JSON object")
+    return raw
 
 
 def _read_rope(raw: dict) -> tuple[float, dict | None]:

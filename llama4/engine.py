@@ -169,7 +169,15 @@ class Engine:
             return
         if model.vision is None:
             raise HerdInputError("this model has no vision tower; allowed: text prompts")
-        per_tile = model.vision.cfg.tokens_per_tile
+        vc = model.vision.cfg
+        for i, img in enumerate(req.images):  # checked here: a bad tensor must not reach the step of everyone
+            want = (img.num_tiles, vc.num_channels, vc.image_size, vc.image_size)
+            if not isinstance(img.pixels, torch.Tensor) or tuple(img.pixels.shape) != want:
+                raise HerdInputError(f"images[{i}] has pixels of shape {list(getattr(img.pixels, 'shape', []))}; "
+                                     f"expected {list(want)} for {img.tiles[0]} x {img.tiles[1]} tiles")
+            if not img.pixels.is_floating_point() or not torch.isfinite(img.pixels).all():
+                raise HerdInputError(f"images[{i}] must hold finite floating-point pixels")
+        per_tile = vc.tokens_per_tile
         wanted = sum(img.num_tiles for img in req.images) * per_tile
         if slots != wanted:
             raise HerdInputError(f"prompt has {slots} image patch tokens; its {len(req.images)} images need {wanted}")

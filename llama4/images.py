@@ -126,10 +126,12 @@ def with_images(ids: list[int], blobs: list[tuple[bytes, str]], vision, token_id
     blobs: (bytes, media type) per image, in placeholder order; vision: the model's VisionTower or None."""
     from llama4.vision import expand_images
 
-    if not blobs:
-        return ids, ()
     if vision is None:
-        raise HerdInputError("this model has no vision tower; allowed: text prompts")
+        if blobs:
+            raise HerdInputError("this model has no vision tower; allowed: text prompts")
+        return ids, ()
+    if not blobs:  # a vision model still checks placeholders: an <|image|> without its image is refused
+        return expand_images(ids, [], token_id, vision.cfg.tokens_per_tile), ()
     if len(blobs) > max_images:
         raise HerdInputError(f"the prompt has {len(blobs)} images; allowed: at most {max_images}")
     processor = processor or ImageProcessor(tile_size=vision.cfg.image_size)

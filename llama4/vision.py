@@ -40,8 +40,8 @@ class Image:
     def of(cls, pixels: torch.Tensor, tiles: tuple[int, int]) -> Image:
         import hashlib
 
-        data = pixels.detach().cpu().contiguous().float().numpy().tobytes()
-        return cls(pixels, tiles, hashlib.sha256(data).digest())
+        data = pixels.detach().cpu().contiguous().view(torch.uint8).numpy()
+        return cls(pixels, tiles, hashlib.sha256(str(pixels.dtype).encode() + data.tobytes()).digest())
 
 
 @dataclass(frozen=True)

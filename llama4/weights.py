@@ -9,14 +9,12 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels.quant import DenseBank, build_bank, choose_kernel, quantize
+from kernels.quant import DenseBank, ExpertBank, build_bank, choose_kernel, quantize
 from llama4.checkpoint import Checkpoint, StoredWeight
 from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
 from llama4.progress import progress
 from llama4.quant import int4_group, resolve_expert_dtype
-
-ExpertBank = DenseBank  # or any kernels.quant bank: mm(e, rows) and nbytes()
 
 GATE = "feed_forward.router.weight"  # [E, H]: the MoE gate (HF names it the router)
 GATE_UP = "feed_forward.experts.gate_up_proj"  # [E, H, 2I], [in, out], gate | up concatenated

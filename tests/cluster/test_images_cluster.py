@@ -77,6 +77,7 @@ def test_chat_parts_and_generation_with_an_image(cluster, mono):
 @pytest.mark.parametrize("images, text, message", [
     ([b"GIF89a not supported"], "<|image|>", "not a PNG or JPEG"),
     ([WIDE], "no placeholder here", "0 <|image|> placeholders for 1 images"),
+    ([], "a placeholder <|image|> without its image", "1 <|image|> placeholders for 0 images"),
     ([WIDE] * 9, "<|image|>" * 9, "at most 8"),
     ([png(10000, 6000, mode="1")], "<|image|>", "pixels; allowed: at most"),
 ])

@@ -113,6 +113,7 @@ def mm_model(multimodal):
     ("no image", "image patch tokens and no images"),
     ("too few patches", "its 1 images need"),
     ("text model", "no vision tower"),
+    ("bad pixels", r"pixels of shape \[1, 3, 20, 28\]; expected \[1, 3, 28, 28\]"),
 ])
 def test_bad_image_requests_are_refused(mm_model, reference_models, case, message):
     from llama4.engine import Engine, Request
@@ -125,6 +126,8 @@ def test_bad_image_requests_are_refused(mm_model, reference_models, case, messag
     model, images = mm_model, (image,)
     if case == "no image":
         images = ()
+    elif case == "bad pixels":
+        images = (Image.of(torch.randn(1, 3, 20, 28), (1, 1)),)
     elif case == "too few patches":
         ids = [t for t in ids if t != PATCH_ID][:-1] + [PATCH_ID]
     else:
