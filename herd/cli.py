@@ -292,8 +292,35 @@ def cmd_plan(args) -> int:
     from herd.plan import as_json, describe, plan
 
     p = plan(args.model, args.gpu, args.expert_dtype, workers=args.workers, replicas=args.replicas,
-             context=args.context, batch=args.batch, prefix_tokens=args.prefix_tokens, dtype=args.dtype)
+             context=args.context, batch=args.batch, prefix_tokens=args.prefix_tokens, dtype=args.dtype,
+             read_gbps=args.read_gbps)
     print(json.dumps(as_json(p)) if args.json else describe(p, args.context, args.batch, args.prefix_tokens))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from herd.deploy import DeployConfig
+    from herd.services import serve
+
+    serve(args.service, DeployConfig.load(args.config), args.router)  # returns only by raising
+    return 1
+
+
+def cmd_fill_model(args) -> int:
+    from herd.deploy import DeployConfig
+    from herd.services import fill_model
+
+    print(f"herd: {fill_model(DeployConfig.load(args.config), args.source)} is ready", flush=True)
+    return 0
+
+
+def cmd_model_ready(args) -> int:
+    from herd.deploy import DeployConfig
+    from herd.services import wait_model_ready
+
+    cfg = DeployConfig.load(args.config)
+    record = wait_model_ready(cfg, args.wait)
+    print(f"herd: {cfg.model} is ready (fingerprint {record['fingerprint']})", flush=True)
     return 0
 
 
@@ -384,8 +411,28 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=int, default=8192, help="tokens per sequence")
     pl.add_argument("--batch", type=int, default=16, help="sequences an attention replica holds at once")
     pl.add_argument("--prefix-tokens", type=int, default=1_000_000, help="prefix tokens the Redis KV tier keeps")
+    pl.add_argument("--read-gbps", type=float, default=0.25, help="GB/s a pod reads from the model volume "
+                                                                  "(sizes the start-up budgets)")
     pl.add_argument("--json", action="store_true", help="one JSON object with `fits` and `min_workers`")
     pl.set_defaults(func=cmd_plan)
+
+    sv = sub.add_parser("serve", help="run the router or the attention service as a deploy config describes it "
+                                      "(a Kubernetes pod's main process)")
+    sv.add_argument("service", choices=["router", "attention"])
+    sv.add_argument("--config", required=True, help="deployment YAML")
+    sv.add_argument("--router", help="attention: HOST:PORT of the router (a Service on Kubernetes)")
+    sv.set_defaults(func=cmd_serve)
+
+    fm = sub.add_parser("fill-model", help="put the config's model on the model volume, check it and mark it ready")
+    fm.add_argument("--config", required=True, help="deployment YAML (its `model` is the destination)")
+    fm.add_argument("--source", help="hf:<org>/<repo>[@revision], an embedded model (smollm2-moe) or a directory; "
+                                     "absent: check and mark what is there")
+    fm.set_defaults(func=cmd_fill_model)
+
+    mr = sub.add_parser("model-ready", help="wait until fill-model has marked the config's model ready")
+    mr.add_argument("--config", required=True, help="deployment YAML")
+    mr.add_argument("--wait", type=float, default=0.0, help="seconds to wait for it (exit 2 after)")
+    mr.set_defaults(func=cmd_model_ready)
 
     i = sub.add_parser("init-model", help="write a random-weight checkpoint in Hugging Face layout")
     i.add_argument("--preset", required=True)

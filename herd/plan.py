@@ -4,7 +4,9 @@ Bytes per expert follow the banks herd actually holds (kernels.quant: FP8 and in
 scale per output row, int4 with a bf16 scale and zero per group of inputs). Each GPU keeps
 RESERVE_BYTES for the CUDA context, torch's allocator and activations. An attention replica holds
 every dense weight (embeddings, attention, shared experts, dense FFNs, lm_head) and the KV cache;
-the router holds the gates. Nothing here reads weights, so it runs on a laptop for any checkpoint.
+the router holds the gates. Start-up budgets are the time to read what each process loads
+from shared model storage at a stated rate, twice over, plus a fixed minute (Python, CUDA,
+quantizing at load). Nothing here reads weights, so it runs on a laptop for any checkpoint.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ RESERVE_BYTES = 3 * GIB  # per GPU: CUDA context, allocator slack, activations o
 EXPERT_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4", "int4-g64", "int4-g128")
 KV_ENTRY_HEADER = 54  # bytes of each Redis KV entry's header (attention_svc.kv_entry)
 BLOCK_SIZE = 16  # tokens per KV block, the tier's unit (batching.block_size's default)
+READ_GBPS = 0.25  # GB/s one pod reads from a shared (NFS-like) volume: a per-client figure to plan with
+STARTUP_FIXED_S = 60.0
 
 
 @dataclass
@@ -47,6 +51,10 @@ class Plan:
     fits: bool  # the cluster: every expert worker and an attention replica, each on its own GPU
     one_gpu_bytes: int  # everything on one GPU (the monolithic model): weights, all experts, KV, reserve
     fits_one_gpu: bool
+    worker_read_bytes: int  # what one expert worker reads at start: its experts as stored
+    worker_startup_s: int  # start-up budget of one expert worker at read_gbps
+    attention_startup_s: int  # start-up budget of one attention replica (its dense weights) at read_gbps
+    read_gbps: float
 
 
 def load_config(model: str) -> ModelConfig:
@@ -85,7 +93,8 @@ def kv_bytes_per_sequence(cfg: ModelConfig, context: int, itemsize: int) -> int:
 
 
 def plan(model: str, gpu: str, expert_dtype: str, workers: int | None = None, replicas: int = 1,
-         context: int = 8192, batch: int = 16, prefix_tokens: int = 1_000_000, dtype: str = "bf16") -> Plan:
+         context: int = 8192, batch: int = 16, prefix_tokens: int = 1_000_000, dtype: str = "bf16",
+         read_gbps: float = READ_GBPS) -> Plan:
     if gpu not in GPUS:
         raise HerdInputError(f"--gpu={gpu!r} is not known; allowed: {', '.join(GPUS)}")
     if expert_dtype not in EXPERT_DTYPES:
@@ -93,6 +102,8 @@ def plan(model: str, gpu: str, expert_dtype: str, workers: int | None = None, re
     for name, value in (("context", context), ("batch", batch), ("replicas", replicas)):
         if value < 1:
             raise HerdInputError(f"--{name}={value} is invalid; allowed: an integer >= 1")
+    if not read_gbps > 0:
+        raise HerdInputError(f"--read-gbps={read_gbps} is invalid; allowed: a number > 0")
     cfg = load_config(model)
     itemsize = {"bf16": 2, "fp32": 4}.get(dtype)
     if itemsize is None:
@@ -123,12 +134,18 @@ def plan(model: str, gpu: str, expert_dtype: str, workers: int | None = None, re
     tier_per_token = kv_bytes_per_sequence(cfg, 1, itemsize) + KV_ENTRY_HEADER * kinds / BLOCK_SIZE
     fits_workers, fits_attention = per_worker <= gpu_bytes, attention <= gpu_bytes
     one_gpu = attention + e * moe * per_expert
+    # Experts are read as stored: FP8 as FP8 (Meta's release), anything else from bf16 and quantized on load.
+    stored = expert_bytes(cfg, "fp8" if expert_dtype == "fp8" else "bf16")
+    read = held * moe * stored
+    budget = lambda nbytes: math.ceil(STARTUP_FIXED_S + 2 * nbytes / (read_gbps * GB))
     return Plan(model=model, gpu=gpu, expert_dtype=expert_dtype, gpu_bytes=gpu_bytes, expert_params=expert_params,
                 bytes_per_expert=per_expert, workers=n, experts_per_worker=held, worker_bytes=per_worker,
                 min_workers=min_workers, workers_fit=fits_workers, attention_weight_bytes=weights,
                 kv_bytes_per_sequence=kv_seq, attention_bytes=attention, kv_capacity_tokens=capacity,
                 attention_fits=fits_attention, redis_bytes=int(prefix_tokens * tier_per_token),
-                fits=fits_workers and fits_attention, one_gpu_bytes=one_gpu, fits_one_gpu=one_gpu <= gpu_bytes)
+                fits=fits_workers and fits_attention, one_gpu_bytes=one_gpu, fits_one_gpu=one_gpu <= gpu_bytes,
+                worker_read_bytes=read, worker_startup_s=budget(read), attention_startup_s=budget(weights),
+                read_gbps=read_gbps)
 
 
 def describe(p: Plan, context: int, batch: int, prefix_tokens: int) -> str:
@@ -144,6 +161,8 @@ def describe(p: Plan, context: int, batch: int, prefix_tokens: int) -> str:
         f"{'fits' if p.attention_fits else 'DOES NOT FIT'}",
         f"  KV capacity of one attention GPU: {p.kv_capacity_tokens:,} tokens ({context}-token sequences)",
         f"  Redis KV tier for {prefix_tokens:,} prefix tokens: {gb(p.redis_bytes)}",
+        f"  start-up budgets at {p.read_gbps:g} GB/s from model storage: expert worker {p.worker_startup_s} s "
+        f"(reads {gb(p.worker_read_bytes)}), attention replica {p.attention_startup_s} s",
         f"  everything on one GPU (monolithic): {gb(p.one_gpu_bytes)} -> "
         f"{'fits' if p.fits_one_gpu else 'does not fit'}",
         f"  => the cluster ({p.workers} expert worker GPUs + 1 attention GPU) {'fits' if p.fits else 'does NOT fit'}",

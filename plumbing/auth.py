@@ -4,7 +4,8 @@ Callers send `authorization: Bearer <secret>` metadata. A server built with `Gua
 every call of a protected service without a matching secret with UNAUTHENTICATED; the
 standard health and reflection services stay open (Kubernetes probes carry no secret).
 Secrets are compared in constant time against every accepted one. They come from the
-environment or from files, never from argv, and are never logged.
+environment or from files, never from argv, and are never logged. Every secret variable X may
+instead name a file as X_FILE (how Kubernetes mounts a Secret), read when the process starts.
 """
 from __future__ import annotations
 
@@ -20,9 +21,25 @@ OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflect
                  "grpc.reflection.v1.ServerReflection")
 
 
+FILE_SUFFIX = "_FILE"
+
+
+def env_secret(name: str) -> str | None:
+    """The secret in environment variable `name`, else the contents of the file `name`_FILE names."""
+    if os.environ.get(name):
+        return os.environ[name]
+    path = os.environ.get(name + FILE_SUFFIX)
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().strip() or None
+    except OSError as exc:  # the message names the variable and path, never the contents
+        raise OSError(f"{name}{FILE_SUFFIX}={path}: cannot read the secret: {exc.strerror}") from None
+
+
 def read_secrets(env: str, file: str | Path | None = None) -> list[str]:
-    """Secrets from a comma-separated environment variable and/or a file of one per line."""
-    found = [s.strip() for s in os.environ.get(env, "").split(",") if s.strip()]
+    """Secrets from a comma-separated environment variable (or its X_FILE) and/or a file of one per line."""
+    found = [s.strip() for s in (env_secret(env) or "").replace("\n", ",").split(",") if s.strip()]
     if file:
         found += [line.strip() for line in Path(file).read_text().splitlines() if line.strip()]
     return found

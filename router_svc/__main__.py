@@ -33,7 +33,7 @@ def main() -> None:
     # The worker registry lives in the state Redis; the URL carries a password: environment, not argv.
     redis_url = os.environ.get("HERD_STATE_REDIS_URL") or os.environ["HERD_REDIS_URL"]
     server, port, servicer = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port,
-                            wait_for_workers=max(120.0, args.worker_wait), max_message_bytes=args.max_message_bytes,
+                            max_message_bytes=args.max_message_bytes,
                             worker_timeout=args.worker_wait, token=os.environ.get(CLUSTER_TOKEN_ENV) or None,
                             expert_dtype=args.expert_dtype)
     listening = f"ROUTER_LISTENING {args.host}:{port}"

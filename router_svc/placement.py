@@ -143,13 +143,3 @@ class Placement:
                 time.sleep(PROBE_EVERY_S)
 
         threading.Thread(target=loop, name="worker-probe", daemon=True).start()
-
-    def wait_for_experts(self, timeout_s: float) -> None:
-        """Block until every expert has a published holder, or raise TimeoutError."""
-        deadline = time.monotonic() + timeout_s
-        self.refresh()
-        while self.missing_experts():
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"router: no worker published experts {self.missing_experts()}")
-            time.sleep(0.2)
-            self.refresh()

@@ -14,6 +14,7 @@ import time
 
 import grpc
 import torch
+from grpc_health.v1 import health_pb2
 
 from herdpb import expert_pb2, router_pb2, router_pb2_grpc
 from kernels import route_top1
@@ -140,17 +141,21 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 
 def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, host: str = "127.0.0.1", port: int = 0,
-          wait_for_workers: float = 120.0, max_message_bytes: int = MAX_MESSAGE_BYTES, worker_timeout: float = 30.0,
+          max_message_bytes: int = MAX_MESSAGE_BYTES, worker_timeout: float = 30.0,
           token: str | None = None, expert_dtype: str = "auto"):
     """token: the cluster token; callers of the router must send it, and it is sent to the workers.
     expert_dtype: how the workers hold experts (part of the fingerprint they must match)."""
     servicer = RouterServicer(Checkpoint(model_path), dtype, WorkerRegistry(redis_url, cluster),
                               worker_timeout=worker_timeout, max_message_bytes=max_message_bytes, token=token,
                               expert_dtype=expert_dtype)
-    servicer.placement.wait_for_experts(wait_for_workers)
     server, bound, health_servicer = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
                                                   ["herd.v1.Router"], host=host, port=port,
                                                   max_message_bytes=max_message_bytes,
                                                   secrets=[token] if token else None, what="cluster token")
+    # Serving at once, not after the workers: liveness holds while experts load (minutes for a large
+    # shard), and readiness ("" and the service) waits until every expert has a live worker.
+    if not servicer.placement.all_experts_live():
+        for name in ("", "herd.v1.Router"):
+            health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
     servicer.placement.watch(health_servicer, ["herd.v1.Router"])
     return server, bound, servicer
