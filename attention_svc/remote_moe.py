@@ -4,6 +4,8 @@ submit() sends the Route exchange on a long-lived stream and returns at once, so
 stack computes the shared expert while the routed experts run remotely; result() waits for
 the answer: the routed rows and, for each, the expert and worker that served it. A step
 larger than one gRPC message is split into several messages of whole rows, sent together.
+Several exchanges may be in flight at once (the micro-batches of one step, llama4.model):
+the router answers them in order on the one stream.
 """
 from __future__ import annotations
 
@@ -11,17 +13,18 @@ import torch
 
 from herdpb import router_pb2, router_pb2_grpc
 from llama4.moe import Route, Routed
-from plumbing.duplex import Duplex
+from plumbing.duplex import Duplex, Exchange
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, channel
 from plumbing.tensor_codec import WireError, read_tensor, rows_per_message, write_tensor
 
 
 class _PendingRoute:
-    def __init__(self, owner: RemoteMoE, dtype: torch.dtype, chunks: list[int], cols: int):
-        self._owner, self._dtype, self._chunks, self._cols = owner, dtype, chunks, cols  # chunks: rows per message
+    def __init__(self, exchange: Exchange, timeout: float, dtype: torch.dtype, chunks: list[int], cols: int):
+        self._exchange, self._timeout = exchange, timeout
+        self._dtype, self._chunks, self._cols = dtype, chunks, cols  # chunks: rows per message
 
     def result(self) -> Routed:
-        resps = self._owner._stream.receive_all(len(self._chunks), self._owner.timeout)
+        resps = self._exchange.result(self._timeout)
         ys, experts, workers = [], [], []
         for resp, rows in zip(resps, self._chunks, strict=True):
             ys.append(read_tensor(resp.y, dtype=self._dtype, cols=self._cols, max_rows=rows, what="y", exact=True))
@@ -35,6 +38,8 @@ class _PendingRoute:
 
 
 class RemoteMoE:
+    is_remote = True  # routed experts run elsewhere: a step's micro-batches can overlap them (llama4.engine)
+
     def __init__(self, router_address: str, timeout: float = 60.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  token: str | None = None):
         self.channel = channel(router_address, max_message_bytes, secret=token)
@@ -52,8 +57,7 @@ class RemoteMoE:
             reqs.append(req)
             chunks.append(min(step, x.shape[0] - start))
         self.route_rpcs += 1
-        self._stream.send_all(reqs)
-        return _PendingRoute(self, x.dtype, chunks, x.shape[1])
+        return _PendingRoute(self._stream.send_all(reqs), self.timeout, x.dtype, chunks, x.shape[1])
 
     def router_status(self) -> router_pb2.RouterStatus:
         return self._stub.Status(router_pb2.RouterStatusRequest(), timeout=5)

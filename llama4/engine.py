@@ -19,16 +19,20 @@ import torch
 
 from llama4.config import LayerKind
 from llama4.errors import HerdInputError, need
-from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull, StepPlan
-from llama4.model import Llama4Model
+from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull
+from llama4.model import Llama4Model, MicroBatch
 from llama4.moe import Route
 from llama4.sampling import sample
-from llama4.scheduler import QueueFull, Scheduler
+from llama4.scheduler import QueueFull, Scheduler, split_batch
 from llama4.sequence import Request, Sequence
 
 __all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier", "EntryKey", "TierStats"]
 
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
+MAX_MICRO_BATCHES = 8
+# micro_batches="auto": a step of at least this many tokens (over 2+ sequences) is cut in two when the
+# experts are remote; smaller steps pay more for the extra exchanges than the overlap saves (bench_cluster).
+AUTO_MICRO_BATCH_TOKENS = 8
 
 
 @dataclass
@@ -87,6 +91,7 @@ class StepStats:
     num_seqs: int
     num_tokens: int
     num_decodes: int
+    num_micro_batches: int = 1
 
 
 @dataclass
@@ -98,15 +103,20 @@ class StepInputs:
     sample_rows: list[int]  # [M] packed rows whose next token is sampled
     score_rows: list[int]  # [R] packed rows of scored prompts ...
     score_targets: list[int]  # [R] ... and the prompt token each of them predicts
-    plan: StepPlan
-    images: tuple[torch.Tensor, torch.Tensor] | None = None  # (packed rows [I], image features [I, H])
+    parts: list[MicroBatch]  # consecutive whole sequences each, with their plan and image rows
 
 
 class Engine:
     def __init__(self, model: Llama4Model, max_num_seqs: int = 64, max_step_tokens: int = 2048,
                  max_cache_tokens: int = 65536, block_size: int = DEFAULT_BLOCK_SIZE, max_model_len: int | None = None,
                  kv_tier: KVTier | None = None, max_waiting: int = 1024, max_prompt_tokens: int | None = None,
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, micro_batches: int | str = "auto"):
+        """micro_batches: how many micro-batches a step is cut into (whole sequences each) so that one's
+        remote experts overlap another's dense work; "auto": 2 for a remote MoE backend on steps of at
+        least AUTO_MICRO_BATCH_TOKENS tokens, else 1."""
+        need(micro_batches == "auto" or (type(micro_batches) is int and 1 <= micro_batches <= MAX_MICRO_BATCHES),
+             "batching.micro_batches", micro_batches, f'"auto" or an integer from 1 to {MAX_MICRO_BATCHES}')
+        self.micro_batches = micro_batches
         self.model = model
         self.kv_tier = kv_tier
         self.tokens_computed = 0  # tokens that went through the model (prefill + decode)
@@ -279,23 +289,35 @@ class Engine:
             elif start + n == len(seq.tokens):
                 sample_rows.append(row + n - 1)
             row += n
-        images = None
-        if image_rows:
-            images = (torch.tensor(image_rows, dtype=torch.long, device=self.model.device), torch.cat(image_features))
-        return StepInputs(batch, tokens, sample_rows, score_rows, score_targets, self.cache.plan(entries), images)
+        parts, device = [], self.model.device
+        features = torch.cat(image_features) if image_rows else None
+        for first, end in split_batch([n for _, n in batch], self._num_micro_batches(batch)):
+            lo, hi = sum(n for _, n in batch[:first]), sum(n for _, n in batch[:end])
+            at = [k for k, r in enumerate(image_rows) if lo <= r < hi]
+            images = (torch.tensor([image_rows[k] - lo for k in at], dtype=torch.long, device=device),
+                      features[at]) if at else None
+            parts.append(MicroBatch(torch.tensor(tokens[lo:hi], device=device), self.cache.plan(entries[first:end]),
+                                    images))
+        return StepInputs(batch, tokens, sample_rows, score_rows, score_targets, parts)
+
+    def _num_micro_batches(self, batch: list[tuple[Sequence, int]]) -> int:
+        if self.micro_batches != "auto":
+            return self.micro_batches
+        remote = getattr(self.model.moe, "is_remote", False)
+        return 2 if remote and len(batch) >= 2 and sum(n for _, n in batch) >= AUTO_MICRO_BATCH_TOKENS else 1
 
     def _run(self, work: StepInputs) -> tuple[torch.Tensor, torch.Tensor, dict[int, Route]]:
         """The forward pass: fp32 logits [M, V] of the sample rows, log-probabilities [R] of the
         scored prompt tokens (computed chunk by chunk: no [R, V] copy), each MoE layer's route."""
         device = self.model.device
-        h, routes = self.model.hidden_states(torch.tensor(work.tokens, device=device), work.plan, self.cache,
-                                             work.images)
+        h, routes = self.model.hidden_states_split(work.parts, self.cache)
         logits = self.model.logits(h, torch.tensor(work.sample_rows, dtype=torch.long, device=device))
         scores = torch.empty(0)
         if work.score_rows:
             scores = self.model.token_logprobs(h, torch.tensor(work.score_rows, dtype=torch.long, device=device),
                                                torch.tensor(work.score_targets, dtype=torch.long, device=device))
-        self.last_step = StepStats(len(work.batch), len(work.tokens), sum(1 for _, n in work.batch if n == 1))
+        self.last_step = StepStats(len(work.batch), len(work.tokens), sum(1 for _, n in work.batch if n == 1),
+                                   len(work.parts))
         self.tokens_computed += len(work.tokens)
         return logits, scores, routes
 

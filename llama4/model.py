@@ -2,10 +2,14 @@
 
 hidden_states() takes a packed step batch (prefill chunks and decode tokens of many
 sequences, concatenated) and a StepPlan from the KV cache, and hands back the final hidden
-states with the route every MoE layer took; logits() turns chosen rows into logits.
+states with the route every MoE layer took; hidden_states_split() does the same for a step
+cut into micro-batches, whose routed experts overlap each other's dense work; logits() turns
+chosen rows into logits.
 Legend: N packed tokens, H hidden, Hq/Hkv heads, D head dim, V vocabulary, M rows that want logits.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +22,32 @@ from llama4.moe import LocalMoE, MoEBackend, Route
 from llama4.weights import DenseWeights, LayerWeights, load_experts, load_gates, load_vision
 
 LOGPROB_CHUNK = 256  # rows of [rows, V] fp32 logits alive at once when scoring prompts
+
+
+@dataclass
+class MicroBatch:
+    """Whole sequences of a step: their packed tokens [n], plan and image rows (local to the micro-batch)."""
+
+    tokens: torch.Tensor
+    plan: StepPlan
+    images: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _finish(pending, routes: dict[int, Route]) -> torch.Tensor:
+    """h + shared + routed of one micro-batch's MoE layer (waits for the routed output)."""
+    layer, routed_call, h, shared = pending
+    routed = routed_call.result()
+    routes[layer] = routed.route
+    return h + (shared + routed.y)
+
+
+def _join(hs: list[torch.Tensor], routes: list[dict[int, Route]]) -> tuple[torch.Tensor, dict[int, Route]]:
+    """Micro-batches' hidden states and routes back in packed order."""
+    if len(hs) == 1:
+        return hs[0], routes[0]
+    joined = {l: Route(torch.cat([r[l].expert_ids for r in routes]), torch.cat([r[l].workers for r in routes]))
+              for l in routes[0]}
+    return torch.cat(hs), joined
 
 
 class Llama4Model:
@@ -57,23 +87,51 @@ class Llama4Model:
         """tokens [N] -> final hidden states [N, H] and, per MoE layer, where each row was routed.
         images: (rows [R], features [R, H]): image features (llama4.vision) that replace those rows'
         embeddings (early fusion: every layer sees them as tokens)."""
-        h, routes = self.w.embed[tokens], {}  # [N, H]
-        if images is not None:
-            h = h.clone()
-            h[images[0]] = images[1].to(h.dtype)
-        for layer, lw in enumerate(self.w.layers):
-            h = h + self._attention(layer, lw, rms_norm(h, lw.input_norm, self.cfg.rms_norm_eps), plan, cache)
-            x = rms_norm(h, lw.post_norm, self.cfg.rms_norm_eps)
-            if self.cfg.is_moe_layer(layer):
-                pending = self.moe.submit(layer, x)  # in flight while the shared expert runs
-                try:
-                    shared = swiglu(x, *lw.ffn)
-                finally:
-                    routed = pending.result()  # always collected: a backend may hold a stream until then
-                h, routes[layer] = h + (shared + routed.y), routed.route
-            else:
-                h = h + swiglu(x, *lw.ffn)
-        return h, routes
+        return self.hidden_states_split([MicroBatch(tokens, plan, images)], cache)
+
+    @torch.inference_mode()
+    def hidden_states_split(self, parts: list[MicroBatch], cache: KVCache) -> tuple[torch.Tensor, dict[int, Route]]:
+        """hidden_states() of a step packed as micro-batches (whole sequences each, in packed order):
+        [sum N_i, H] and the routes, as one batch would give them.
+
+        Ping-pong: layer by layer, each micro-batch submits its routed experts and goes on to its
+        shared expert, then the next micro-batch runs its attention and dense work while the
+        first one's experts run; a micro-batch waits for its routed output only when its next
+        layer needs it. Pending exchanges are collected in submit order."""
+        hs, pending = [], [None] * len(parts)  # pending[i]: (layer, routed in flight, h, shared) of part i
+        routes: list[dict[int, Route]] = [{} for _ in parts]
+        for part in parts:
+            h = self.w.embed[part.tokens]  # [N_i, H]
+            if part.images is not None:
+                h = h.clone()
+                h[part.images[0]] = part.images[1].to(h.dtype)
+            hs.append(h)
+        try:
+            for layer, lw in enumerate(self.w.layers):
+                for i, part in enumerate(parts):
+                    if pending[i] is not None:
+                        hs[i], pending[i] = _finish(pending[i], routes[i]), None
+                    h = hs[i]
+                    h = h + self._attention(layer, lw, rms_norm(h, lw.input_norm, self.cfg.rms_norm_eps), part.plan,
+                                            cache)
+                    x = rms_norm(h, lw.post_norm, self.cfg.rms_norm_eps)
+                    if self.cfg.is_moe_layer(layer):
+                        routed = self.moe.submit(layer, x)  # in flight while the shared expert (and the rest) runs
+                        pending[i] = (layer, routed, h, None)  # held first: collected even if swiglu fails
+                        pending[i] = (layer, routed, h, swiglu(x, *lw.ffn))
+                    else:
+                        hs[i] = h + swiglu(x, *lw.ffn)
+            for i, p in enumerate(pending):
+                if p is not None:
+                    hs[i], pending[i] = _finish(p, routes[i]), None
+        finally:
+            for p in pending:  # on failure: every exchange still answered, so a backend's stream stays paired
+                if p is not None:
+                    try:
+                        p[1].result()
+                    except Exception:  # the first failure is the one raised
+                        pass
+        return _join(hs, routes)
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """The MoEBackend seam: how the layer stack gets a MoE layer's routed-expert output.
 
 The model calls `submit(layer, x)` before computing the shared expert and `result()` after,
-so a remote backend overlaps its RPC with the shared expert. The result carries the routed
+so a remote backend overlaps its RPC with the shared expert (and, with micro-batches, with
+the other micro-batches' layers); several submits may be pending at once. The result carries the routed
 output together with where each row went (its expert and the worker that ran it), so the
 route trace travels with the data instead of beside it. LocalMoE runs routing and the
 grouped expert FFN in this process with the same kernels the expert workers use.
@@ -38,6 +39,8 @@ class PendingRouted(Protocol):
 
 
 class MoEBackend(Protocol):
+    is_remote: bool  # the routed experts run in other processes: other work can overlap them
+
     def submit(self, layer: int, x: torch.Tensor) -> PendingRouted:
         """Start the routed experts of MoE layer `layer` on normalised inputs x [N, H]."""
 
@@ -52,6 +55,8 @@ class _Deferred:
 
 class LocalMoE:
     """Every gate and routed expert in this process (the monolithic reference)."""
+
+    is_remote = False
 
     def __init__(self, gates: dict[int, torch.Tensor], experts: dict[int, tuple[torch.Tensor, torch.Tensor]]):
         self.gates = gates  # layer -> [E, H]

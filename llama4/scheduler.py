@@ -96,3 +96,20 @@ class Scheduler:
         self.running = [s for s in self.running if not s.finished]
         self.waiting = deque(s for s in self.waiting if not s.finished)
         return done
+
+
+def split_batch(sizes: list[int], parts: int) -> list[tuple[int, int]]:
+    """Cut a step's batch (tokens per sequence, in packed order) into at most `parts` micro-batches
+    of whole, consecutive sequences with token counts as even as the boundaries allow:
+    [(first sequence, end sequence)], covering every sequence once, none empty."""
+    parts = max(1, min(parts, len(sizes)))
+    total, cuts, at, seen = sum(sizes), [0], 0, 0
+    for j in range(1, parts):
+        target, last = total * j / parts, len(sizes) - (parts - j)  # every later part keeps a sequence
+        # Take at least one sequence, then more while the boundary gets no farther from the target.
+        while at < last and (at == cuts[-1] or abs(seen + sizes[at] - target) <= abs(seen - target)):
+            seen += sizes[at]
+            at += 1
+        cuts.append(at)
+    cuts.append(len(sizes))
+    return list(zip(cuts[:-1], cuts[1:], strict=True))

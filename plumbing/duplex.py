@@ -1,9 +1,9 @@
-"""A long-lived bidirectional gRPC stream used as a series of request/response pairs."""
+"""A long-lived bidirectional gRPC stream used as a series of request/response exchanges."""
 from __future__ import annotations
 
+import collections
 import queue
 import threading
-import time
 
 import grpc
 
@@ -12,80 +12,131 @@ from plumbing.grpc_server import RpcFailure
 _CLOSE = object()
 
 
+class Exchange:
+    """The answers to one send_all(): result() waits for them (any thread, any order)."""
+
+    def __init__(self, count: int):
+        self.count = count
+        self._answers: list = []
+        self._error: Exception | None = None
+        self._done = threading.Event()
+        self._owner: Duplex | None = None
+        self._call: _Call | None = None  # the stream it went out on
+
+    def _answer(self, resp) -> bool:
+        self._answers.append(resp)
+        if len(self._answers) == self.count:
+            self._done.set()
+        return self._done.is_set()
+
+    def _fail(self, exc: Exception) -> None:
+        if not self._done.is_set():
+            self._error = exc
+            self._done.set()
+
+    def result(self, timeout: float) -> list:
+        """The exchange's `count` responses, in order; raises grpc.RpcError on failure or timeout
+        (a timeout breaks the stream, so no late answer can pair with a later exchange)."""
+        if not self._done.wait(max(timeout, 0.0)):
+            self._fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s"))
+            self._owner._break(self)
+        if self._error is not None:
+            raise self._error
+        return self._answers
+
+
+class _Call:
+    """One open stream: its request queue and the exchanges awaiting answers, oldest first."""
+
+    def __init__(self, method):
+        self.requests: queue.Queue = queue.Queue()
+        self.waiting: collections.deque[Exchange] = collections.deque()
+        self.lock = threading.Lock()
+        self.broken: Exception | None = None
+        self.rpc = method(iter(self.requests.get, _CLOSE))
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for resp in self.rpc:
+                with self.lock:
+                    if not self.waiting:  # an answer nobody asked for: the stream's pairing is lost
+                        raise RpcFailure(grpc.StatusCode.INTERNAL, "unexpected answer on the stream")
+                    if self.waiting[0]._answer(resp):
+                        self.waiting.popleft()
+            self.fail(RpcFailure(grpc.StatusCode.UNAVAILABLE, "stream closed by the server"))
+        except grpc.RpcError as exc:
+            self.fail(exc)
+
+    def fail(self, exc: Exception) -> None:
+        with self.lock:
+            self.broken = self.broken or exc
+            waiting, self.waiting = self.waiting, collections.deque()
+        for ex in waiting:
+            ex._fail(exc)
+
+
 class Duplex:
-    """A long-lived bidirectional stream used as a series of request/response pairs.
+    """A long-lived bidirectional stream used as a series of request/response exchanges.
 
     A Python unary call costs ~1-2 ms of thread hand-offs per hop on a small machine; a
-    message on an open stream costs a fraction of that. send() and receive() pair up under a
-    lock (one exchange in flight per stream); a broken stream is reopened on the next send.
+    message on an open stream costs a fraction of that. The server answers every message with
+    one message, in order, so several exchanges may be in flight at once (pipelined): each
+    answer goes to the oldest exchange still waiting. A broken stream fails every exchange in
+    flight on it and is reopened on the next send.
     """
 
     def __init__(self, method):
         self._method = method  # a stream-stream multicallable, e.g. stub.RouteStream
         self._lock = threading.Lock()
-        self._call = None
+        self._call: _Call | None = None
+        self._mine = threading.local()  # send()/receive() pairs: this thread's exchanges in order
 
-    def _open(self) -> None:
-        requests: queue.Queue = queue.Queue()
-        responses: queue.Queue = queue.Queue()
-        call = self._method(iter(requests.get, _CLOSE))
-        threading.Thread(target=self._read, args=(call, responses), daemon=True).start()
-        self._call, self._requests, self._responses = call, requests, responses
-
-    @staticmethod
-    def _read(call, out: queue.Queue) -> None:
-        try:
-            for resp in call:
-                out.put(resp)
-            out.put(RpcFailure(grpc.StatusCode.UNAVAILABLE, "stream closed by the server"))
-        except grpc.RpcError as exc:
-            out.put(exc)
+    def send_all(self, requests: list) -> Exchange:
+        """Start one exchange of several messages; its answers come from Exchange.result()."""
+        ex = Exchange(len(requests))
+        ex._owner = self
+        with self._lock:
+            if self._call is None or self._call.broken is not None:
+                self._call = _Call(self._method)
+            call = self._call
+            with call.lock:
+                if call.broken is not None:
+                    ex._fail(call.broken)
+                    return ex
+                call.waiting.append(ex)
+                ex._call = call
+            for request in requests:  # under the lock: one exchange's messages stay together
+                call.requests.put(request)
+        return ex
 
     def send(self, request) -> None:
-        self.send_all([request])
+        """Start a one-message exchange whose answer receive() on this thread returns."""
+        mine = getattr(self._mine, "exchanges", None)
+        if mine is None:
+            mine = self._mine.exchanges = collections.deque()
+        mine.append(self.send_all([request]))
 
     def receive(self, timeout: float):
-        """The response to the last send(); raises grpc.RpcError on failure or timeout."""
-        return self.receive_all(1, timeout)[0]
+        """The answer to this thread's oldest send() not yet received; grpc.RpcError on failure or timeout."""
+        return self._mine.exchanges.popleft().result(timeout)[0]
 
-    def send_all(self, requests: list) -> None:
-        """Start one exchange of several messages; receive_all() must follow (it frees the stream)."""
-        self._lock.acquire()
-        try:
-            if self._call is None:
-                self._open()
-            for request in requests:
-                self._requests.put(request)
-        except BaseException:
-            self._lock.release()
-            raise
-
-    def receive_all(self, count: int, timeout: float) -> list:
-        """The `count` responses of the exchange, in order; on any failure the stream is broken
-        (so no late answer can pair with a later exchange) and grpc.RpcError raised."""
-        deadline = time.monotonic() + timeout
-        try:
-            out = []
-            for _ in range(count):
-                try:
-                    item = self._responses.get(timeout=max(deadline - time.monotonic(), 0.0))
-                except queue.Empty:
-                    self._break()
-                    raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s") from None
-                if isinstance(item, Exception):
-                    self._break()
-                    raise item
-                out.append(item)
-            return out
-        finally:
-            self._lock.release()
-
-    def _break(self) -> None:
-        if self._call is not None:
-            self._requests.put(_CLOSE)
-            self._call.cancel()
-            self._call = None
+    def _break(self, ex: Exchange) -> None:
+        """Close the stream `ex` went out on (if it is still the open one) and fail its exchanges."""
+        call = ex._call
+        if call is None:
+            return
+        with self._lock:
+            if self._call is call:
+                self._call = None
+        call.requests.put(_CLOSE)
+        call.rpc.cancel()
+        call.fail(RpcFailure(grpc.StatusCode.CANCELLED, "stream closed after a timeout"))
 
     def close(self) -> None:
         with self._lock:
-            self._break()
+            call, self._call = self._call, None
+        if call is not None:
+            call.requests.put(_CLOSE)
+            call.rpc.cancel()
+            call.fail(RpcFailure(grpc.StatusCode.CANCELLED, "stream closed"))
