@@ -20,6 +20,7 @@ from llama4.quant import EXPERT_DTYPES
 from llama4.store import DEFAULT_MODEL
 
 PLACEMENTS = ("contiguous", "round-robin")
+RAY_BUILTIN_RESOURCES = ("CPU", "GPU", "memory", "object_store_memory")  # Ray's own: never custom resources
 
 
 @dataclass
@@ -44,7 +45,10 @@ class DeployConfig:
     workers: int = 4  # expert workers (Ray actors)
     placement: str = "contiguous"
     replicas: int = 1  # workers holding each expert: >1 survives a worker's death without waiting
-    gpus_per_worker: float = 0.0
+    gpus_per_worker: float = 0.0  # Ray GPUs per expert worker: 1 on Kubernetes (one GPU pod per worker)
+    # Ray custom resources per expert worker, {name: amount}: a worker starts only on a node that
+    # advertises them (`ray start --resources '{"expert_slot": 4}'`), so nodes choose what they host.
+    worker_resources: dict[str, float] = field(default_factory=dict)
     worker_threads: int = 1  # torch threads per expert worker
     host: str = "127.0.0.1"  # every listener binds here
     attention_port: int = 50051  # 0 = any free port
@@ -80,7 +84,13 @@ class DeployConfig:
         need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))
         need(isinstance(self.replicas, int) and 1 <= self.replicas <= self.workers, "replicas", self.replicas,
              f"an integer from 1 to workers={self.workers}")
-        need(self.gpus_per_worker >= 0, "gpus_per_worker", self.gpus_per_worker, ">= 0")
+        need(self.gpus_per_worker == 0 or _is_ray_amount(self.gpus_per_worker), "gpus_per_worker",
+             self.gpus_per_worker, "0, a fraction in (0, 1] or a whole number")
+        need(isinstance(self.worker_resources, dict) and all(
+            isinstance(k, str) and k and k not in RAY_BUILTIN_RESOURCES and _is_ray_amount(v)
+            for k, v in self.worker_resources.items()), "worker_resources", self.worker_resources,
+             "{name: amount} of Ray custom resources, each amount in (0, 1] or a whole number "
+             f"(not {', '.join(RAY_BUILTIN_RESOURCES)}: GPUs are gpus_per_worker)")
         need(self.worker_threads >= 1, "worker_threads", self.worker_threads, "an integer >= 1")
         for name in ("attention_port", "router_port", "http_port", "router_metrics_port", "worker_metrics_port"):
             v, optional = getattr(self, name), name not in ("attention_port", "router_port")
@@ -129,6 +139,12 @@ class DeployConfig:
         cfg = cls(**raw, batching=Batching(**batching))
         cfg.validate()
         return cfg
+
+
+def _is_ray_amount(v) -> bool:
+    """An amount Ray accepts for a resource request: a fraction of one, or whole units."""
+    return (isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")
+            and (v <= 1 or float(v).is_integer()))
 
 
 def place_experts(num_experts: int, num_workers: int, policy: str, replicas: int = 1) -> list[list[int]]:

@@ -298,7 +298,10 @@ class Cluster:
 def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
     """One ExpertWorker actor per shard on the connected Ray cluster; waits until each serves.
 
-    Used by `herd up` (local Ray) and `herd workers` (an existing Ray cluster, e.g. KubeRay)."""
+    Used by `herd up` (local Ray) and `herd workers` (an existing Ray cluster, e.g. KubeRay).
+    A worker asks Ray for gpus_per_worker GPUs and the worker_resources custom resources (no
+    CPUs: worker_threads sizes its torch pool); SPREAD puts the workers on as many nodes as have
+    room, so losing a node loses as few shards as possible, and Ray restarts each on a node with room."""
     import ray
 
     from expert_svc.actor import ExpertWorker
@@ -307,11 +310,17 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
     WorkerRegistry(redis_url, cfg.cluster).clear()
     actors = []
     for i, experts in enumerate(shards):
-        opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker)
+        opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker,
+                    resources=dict(cfg.worker_resources), scheduling_strategy="SPREAD")
         actors.append(ExpertWorker.options(**opts).remote(
             i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads,
             cfg.max_message_bytes, cfg.expert_dtype, cfg.worker_metrics_port))
-    infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)
+    try:
+        infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)
+    except ray.exceptions.GetTimeoutError:  # most often: no node offers what a worker asks for
+        raise RuntimeError(f"expert workers not started within {cfg.startup_timeout_s:.0f} s; each needs "
+                           f"num_gpus={cfg.gpus_per_worker} and resources={cfg.worker_resources}: do the Ray nodes "
+                           f"have room for {len(actors)}?") from None
     for info in infos:
         if info.get("error"):
             raise HerdInputError(f"expert-worker-{info['index']}: {info['error']}")

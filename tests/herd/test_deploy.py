@@ -30,6 +30,12 @@ def test_contiguous_shards_are_ranges():
     ("batching: {max_num_seqs: 0}", "batching.max_num_seqs=0"),
     ("batching: {prefill: 3}", "batching.prefill"),
     ("wokers: 4", "'wokers'"),
+    ("gpus_per_worker: 1.5", "gpus_per_worker=1.5"),
+    ("worker_resources: {GPU: 1}", "worker_resources={'GPU': 1}"),
+    ("worker_resources: {expert_slot: 0}", "worker_resources={'expert_slot': 0}"),
+    ("worker_resources: {expert_slot: 1.5}", "worker_resources={'expert_slot': 1.5}"),
+    ("worker_resources: {expert_slot: yes}", "worker_resources={'expert_slot': True}"),
+    ("worker_resources: [expert_slot]", "worker_resources=['expert_slot']"),
     ("- a list", "mapping"),
 ])
 def test_bad_config_names_field_and_value(tmp_path, yaml_text, needle):
@@ -43,3 +49,10 @@ def test_bad_config_names_field_and_value(tmp_path, yaml_text, needle):
 def test_defaults_work_locally():
     cfg = DeployConfig.load(None)
     assert cfg.host == "127.0.0.1" and cfg.redis_url is None and cfg.workers >= 1
+
+
+def test_worker_resources_are_ray_custom_resources():
+    cfg = DeployConfig.load(None, worker_resources={"expert_slot": 1, "accelerator_type:H100": 0.001},
+                            gpus_per_worker=1)
+    assert cfg.worker_resources == {"expert_slot": 1, "accelerator_type:H100": 0.001}
+    assert DeployConfig.load(None).worker_resources == {}  # locally: any node, by GPUs alone
