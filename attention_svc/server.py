@@ -226,7 +226,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         if self.operator_secrets and not matches(bearer(context.invocation_metadata()), self.operator_secrets):
             out.model = "(operators only)"  # internal paths and addresses are for the operator
             for w in out.router.workers:
-                w.address, w.refused = "", "refused" if w.refused else ""
+                w.address, w.refused, w.node_id, w.node_ip = "", "refused" if w.refused else "", "", ""
         return out
 
 

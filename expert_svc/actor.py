@@ -28,22 +28,24 @@ class ExpertWorker:
         from expert_svc.server import serve
         from llama4.dtypes import torch_dtype
         from llama4.errors import HerdInputError
-        from plumbing.auth import CLUSTER_TOKEN_ENV
+        from plumbing.auth import CLUSTER_TOKEN_ENV, env_secret
         from plumbing.metrics_http import serve_metrics
         from plumbing.registry import WorkerRegistry
 
         torch.set_num_threads(threads)
         self.index, self.experts, self.error, self.expert_dtype = index, experts, None, expert_dtype
         self.metrics_address = None
+        # Where Ray placed this process: after a node is lost, `herd status` shows the new placement.
+        self.node_id, self.node_ip = ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
         try:
-            # The cluster token comes from the environment Ray started this process with, not an argument
-            # (actor arguments are shown on the Ray dashboard).
-            token = os.environ.get(CLUSTER_TOKEN_ENV) or None
+            # The cluster token comes from the environment Ray started this process with (the variable, or
+            # the file its _FILE names, as on Kubernetes), not an argument (the Ray dashboard shows those).
+            token = env_secret(CLUSTER_TOKEN_ENV)
             self.server, port, self.servicer = serve(model_path, experts, torch_dtype(dtype), device, host=host,
                                                      max_message_bytes=max_message_bytes, token=token,
                                                      expert_dtype=expert_dtype)
             # Bound to every interface (Kubernetes): publish the node's address, not 0.0.0.0.
-            advertised = ray.util.get_node_ip_address() if ipaddress.ip_address(host).is_unspecified else host
+            advertised = self.node_ip if ipaddress.ip_address(host).is_unspecified else host
             self.address = f"{advertised}:{port}"
             if metrics_port is not None:
                 self.metrics_address = f"{advertised}:{serve_metrics(self.servicer.metrics, host, metrics_port)}"
@@ -56,6 +58,7 @@ class ExpertWorker:
             os._exit(1)
         # Registration is not a condition of serving: the heartbeat publishes as soon as Redis answers.
         record = {"address": self.address, "experts": experts, "pid": os.getpid(), "metrics": self.metrics_address,
+                  "node_id": self.node_id, "node_ip": self.node_ip,
                   "fingerprint": self.servicer.fingerprint, "expert_bytes": self.servicer.expert_bytes}
         self._stop = threading.Event()
         WorkerRegistry(redis_url, cluster).heartbeat(index, record, self._stop)
@@ -99,6 +102,7 @@ class ExpertWorker:
             return {"index": self.index, "error": self.error}
         sv = self.servicer
         return {"index": self.index, "experts": self.experts, "address": self.address, "pid": os.getpid(),
-                "metrics": self.metrics_address, "rows_served": sv.rows_served,
+                "node_id": self.node_id, "node_ip": self.node_ip, "metrics": self.metrics_address,
+                "rows_served": sv.rows_served,
                 "compute_seconds": sv.compute_seconds, "expert_bytes": sv.expert_bytes}
 

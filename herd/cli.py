@@ -170,8 +170,9 @@ def cmd_status(args) -> int:
             print(f"  worker {w.index} {w.address} REFUSED: {w.refused}")
             continue
         held = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in sorted(w.expert_bytes.items()))
-        print(f"  worker {w.index} {w.address} {'SERVING' if w.healthy else 'UNAVAILABLE'} experts {list(w.experts)} "
-              f"rpcs {w.rpcs} rows {w.rows} expert memory: {held or 'unknown'}")
+        node = f" node {w.node_id} ({w.node_ip})" if w.node_id else ""
+        print(f"  worker {w.index} {w.address} {'SERVING' if w.healthy else 'UNAVAILABLE'}{node} "
+              f"experts {list(w.experts)} rpcs {w.rpcs} rows {w.rows} expert memory: {held or 'unknown'}")
     for load in r.loads:
         print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
     _print_local_endpoints(args.target)
@@ -239,24 +240,26 @@ def cmd_up(args) -> int:
 
 def cmd_workers(args) -> int:
     """Expert workers on an existing Ray cluster (KubeRay); runs until stopped, watching them."""
-    import os
-
     import ray
 
     from herd.deploy import DeployConfig
     from herd.up import start_expert_workers
     from llama4.store import resolve_model
+    from plumbing.auth import env_secret
     from plumbing.lifecycle import wait_for_signal
+    from plumbing.registry import expert_span
 
     cfg = DeployConfig.load(args.config)
-    redis_url = (os.environ.get("HERD_STATE_REDIS_URL") or cfg.state_redis_url or os.environ.get("HERD_REDIS_URL")
+    redis_url = (env_secret("HERD_STATE_REDIS_URL") or cfg.state_redis_url or env_secret("HERD_REDIS_URL")
                  or cfg.redis_url)
     if not redis_url:
-        raise HerdInputError("workers: set HERD_STATE_REDIS_URL (or state_redis_url in the config) for the worker "
-                             "registry")
+        raise HerdInputError("workers: set HERD_STATE_REDIS_URL or HERD_STATE_REDIS_URL_FILE (or state_redis_url in "
+                             "the config) for the worker registry")
     ray.init(address=args.ray_address, namespace="herd", logging_level="ERROR", log_to_driver=False)
     actors, infos = start_expert_workers(cfg, str(resolve_model(cfg.model)), redis_url)
-    print(f"expert workers serving: {[i['address'] for i in infos]}", flush=True)
+    for i in infos:
+        print(f"expert-worker-{i['index']} serving at {i['address']} on node {i['node_id']} ({i['node_ip']}), "
+              f"experts {expert_span(i['experts'])}", flush=True)
     wait_for_signal()  # Ray restarts dead workers (max_restarts=-1); this process owns them
     for actor in actors:
         ray.kill(actor, no_restart=True)

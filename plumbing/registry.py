@@ -1,4 +1,4 @@
-"""Where expert workers publish their address and experts, and the router looks them up.
+"""Where expert workers publish their address, experts and Ray node, and the router looks them up.
 
 One key per worker (JSON, no pickle) with a TTL, refreshed by the worker's heartbeat, and a
 set of the worker indices, so the router reads the registry in two commands without
@@ -26,7 +26,7 @@ class WorkerRegistry:
         self._prefix, self._index = f"herd:{cluster}:worker:", f"herd:{cluster}:workers"
 
     def publish(self, index: int, record: dict) -> None:
-        """Publish (or refresh) worker `index`: its address, experts and anything else in record."""
+        """Publish (or refresh) worker `index`: its address, experts, Ray node and the rest of record."""
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(self._prefix + str(index), json.dumps(record), ex=TTL_S)
             pipe.sadd(self._index, index)

@@ -38,6 +38,7 @@ class Worker:
         self.stream = Duplex(self.stub.RunExpertsStream)
         self.rpcs = self.rows = 0
         self.expert_bytes: dict[str, int] = {}  # resident routed-expert bytes by storage dtype, as published
+        self.node_id = self.node_ip = ""  # the Ray node it runs on, as published
         self.healthy = True
         self.down_since = 0.0
 
@@ -97,7 +98,9 @@ class Placement:
                         log.warning("expert worker %d moved %s -> %s", index, current.address, info["address"])
                     self.workers[index] = Worker(index, info["address"], info["experts"], self.max_message_bytes,
                                                  self.token)
-                self.workers[index].expert_bytes = dict(info.get("expert_bytes") or {})
+                worker = self.workers[index]
+                worker.expert_bytes = dict(info.get("expert_bytes") or {})
+                worker.node_id, worker.node_ip = info.get("node_id", ""), info.get("node_ip", "")
             replicas: dict[int, list[int]] = {}
             for index, worker in sorted(self.workers.items()):
                 for e in worker.experts:

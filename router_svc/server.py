@@ -132,7 +132,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                                          fingerprint=self.fingerprint)
         for w in sorted(self.placement.workers.values(), key=lambda w: w.index):
             status.workers.add(index=w.index, address=w.address, experts=w.experts, healthy=w.healthy,
-                               rpcs=w.rpcs, rows=w.rows, expert_bytes=w.expert_bytes)
+                               rpcs=w.rpcs, rows=w.rows, expert_bytes=w.expert_bytes, node_id=w.node_id,
+                               node_ip=w.node_ip)
         for index, (address, why) in sorted(self.placement.refused.items()):
             status.workers.add(index=index, address=address, healthy=False, refused=why)
         for layer, counts in sorted(self.tokens_per_expert.items()):
