@@ -23,7 +23,7 @@ from llama4.model import Llama4Model
 from llama4.store import resolve_model
 from llama4.weights import expert_bytes
 
-KINDS = ("compute", "fp8", "int8", "int4")
+KINDS = ("compute", "fp8", "int8", "int4-g32")
 GIB = 2**30
 
 

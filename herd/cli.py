@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="checkpoint directory or preset (scout, maverick, behemoth)")
     pl.add_argument("--gpu", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb, "
                                                        "b200-192gb")
-    pl.add_argument("--expert-dtype", default="bf16", help="bf16, fp32, fp8, int8, int4, int4-g64, int4-g128")
+    pl.add_argument("--expert-dtype", default="bf16", help="bf16, fp32, fp8, int8, int4 (group 128), int4-g64, int4-g32")
     pl.add_argument("--dtype", default="bf16", help="dense weights and KV cache: bf16 or fp32")
     pl.add_argument("--workers", type=int, help="expert workers to check (default: the fewest that fit)")
     pl.add_argument("--replicas", type=int, default=1, help="workers holding each expert")

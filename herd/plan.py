@@ -22,7 +22,7 @@ from llama4.quant import int4_group
 GIB, GB = 2**30, 10**9
 GPUS = {"h100-80gb": 80, "h200-141gb": 141, "a100-80gb": 80, "a100-40gb": 40, "l40s-48gb": 48, "b200-192gb": 192}
 RESERVE_BYTES = 3 * GIB  # per GPU: CUDA context, allocator slack, activations of a step
-EXPERT_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4", "int4-g64", "int4-g128")
+EXPERT_DTYPES = ("bf16", "fp32", "fp8", "int8", "int4", "int4-g64", "int4-g32")
 KV_ENTRY_HEADER = 54  # bytes of each Redis KV entry's header (attention_svc.kv_entry)
 BLOCK_SIZE = 16  # tokens per KV block, the tier's unit (batching.block_size's default)
 READ_GBPS = 0.25  # GB/s one pod reads from a shared (NFS-like) volume: a per-client figure to plan with

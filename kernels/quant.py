@@ -94,24 +94,74 @@ class ExpertBank(Protocol):
     """One matrix of every expert a process serves."""
 
     kernel: str
+    num_experts: int
 
     def mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         """rows @ W_e in rows' dtype."""
+
+    def mm_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """rows sorted by expert, counts [E] rows of each: every expert's block @ its W_e, in rows' order."""
 
     def nbytes(self) -> dict[str, int]:
         """Resident bytes by storage dtype."""
 
 
+_GROUPED_ALIGN = 16  # bytes: torch._grouped_mm takes rows, strides and data pointers aligned to this
+
+
+def _grouped_mm_takes(w: torch.Tensor) -> bool:
+    """Whether torch._grouped_mm can run `rows @ w[e]` on the bank w [E, K, N] as it is stored."""
+    if not hasattr(torch, "_grouped_mm") or w.dim() != 3 or not w.is_contiguous():
+        return False
+    if (w.shape[1] * w.element_size()) % _GROUPED_ALIGN or (w.shape[2] * w.element_size()) % _GROUPED_ALIGN \
+            or w.data_ptr() % _GROUPED_ALIGN:
+        return False
+    return _grouped_mm_works(w.device.type, w.dtype)
+
+
+@functools.cache
+def _grouped_mm_works(device: str, dtype: torch.dtype) -> bool:
+    """One probe per device type and dtype: torch builds _grouped_mm for only some of them."""
+    try:
+        a = torch.ones(3, 8, dtype=dtype, device=device)
+        b = torch.arange(3 * 8 * 4, dtype=dtype, device=device).reshape(3, 8, 4)
+        y = torch._grouped_mm(a, b, offs=torch.tensor([1, 1, 3], dtype=torch.int32, device=device))
+        want = torch.cat([a[:1] @ b[0], a[1:] @ b[2]])
+        return bool(torch.equal(y.float().cpu(), want.float().cpu()))
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def mm_loop(bank, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """mm_grouped as one bank.mm per active expert (the kernel for banks without a grouped one)."""
+    outs, start = [], 0
+    for e, n in enumerate(counts.tolist()):
+        if n:
+            outs.append(bank.mm(e, rows[start : start + n]))
+            start += n
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 class DenseBank:
-    """w [E, K, N] in the compute dtype."""
+    """w [E, K, N] in the compute dtype. mm_grouped is torch._grouped_mm over the whole bank (one
+    call for every expert, no weight copied; experts without rows cost nothing) where torch has it
+    for the shape, dtype and device; else one matmul per active expert."""
 
     kernel = "dense"
 
     def __init__(self, w: torch.Tensor):
         self.w = w
+        self.num_experts = w.shape[0]
+        self.grouped = _grouped_mm_takes(w)
 
     def mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         return rows @ self.w[e]
+
+    def mm_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if self.grouped and rows.is_contiguous() and rows.data_ptr() % _GROUPED_ALIGN == 0 \
+                and rows.dtype == self.w.dtype:
+            return torch._grouped_mm(rows, self.w, offs=counts.cumsum(0, dtype=torch.int32))
+        return mm_loop(self, rows, counts)
 
     def nbytes(self) -> dict[str, int]:
         return _bytes(self.w)
@@ -124,6 +174,10 @@ class Fp8Bank:
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str):
         self.q, self.scale, self.kernel = q, scale.float(), kernel
+        self.num_experts = q.shape[0]
+
+    def mm_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return mm_loop(self, rows, counts)
 
     def mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self.kernel == "scaled_mm":
@@ -144,9 +198,12 @@ class Int8Bank:
     and `dequant` (int8 -> compute dtype per call)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, kernel: str):
-        self.q, self.kernel = q, kernel
+        self.q, self.kernel, self.num_experts = q, kernel, q.shape[0]
         # The packed kernel takes scales in the activations' dtype.
         self.scale = scale.to(torch.bfloat16) if kernel == "packed" else scale.float()
+
+    def mm_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return mm_loop(self, rows, counts)
 
     def mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self.kernel == "packed":
@@ -163,7 +220,7 @@ class Int4Bank:
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, kernel: str):
         """q [E, N, K] uint8 values 0..15; scale, zero [E, N, K / group]."""
-        self.kernel, self.k = kernel, q.shape[2]
+        self.kernel, self.k, self.num_experts = kernel, q.shape[2], q.shape[0]
         self.group = self.k // scale.shape[2]
         if kernel == "packed":
             self.packed = torch.stack([_int4pack(q[e]) for e in range(q.shape[0])])
@@ -172,6 +229,9 @@ class Int4Bank:
         else:
             self.packed = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous()  # [E, N, K / 2]
             self.scale_zero = torch.stack([scale, zero], dim=-1).to(torch.bfloat16)  # [E, N, K / group, 2]
+
+    def mm_grouped(self, rows: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        return mm_loop(self, rows, counts)
 
     def mm(self, e: int, rows: torch.Tensor) -> torch.Tensor:
         if self.kernel == "packed":

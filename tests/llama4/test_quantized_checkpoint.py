@@ -153,6 +153,6 @@ def test_how_experts_are_held_is_part_of_the_serving_fingerprint():
     w = "a" * 64
     assert serving_fingerprint(w, "auto", False) == serving_fingerprint(w, "compute", False) == w
     assert serving_fingerprint(w, "auto", True) == serving_fingerprint(w, "fp8", True) == w
-    held = {serving_fingerprint(w, d, False) for d in ("compute", "fp8", "int8", "int4", "int4-g128")}
+    held = {serving_fingerprint(w, d, False) for d in ("compute", "fp8", "int8", "int4", "int4-g32")}
     assert len(held) == 5
     assert serving_fingerprint(w, "compute", True) != w  # an FP8 checkpoint dequantized at load
