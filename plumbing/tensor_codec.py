@@ -2,19 +2,21 @@
 
 No pickle anywhere: a reader checks the dtype against the compute-dtype table, the shape
 against what the model expects and the byte length against the shape before touching the
-data, and refuses non-finite values.
+data, and refuses non-finite values. A reader can decode into a buffer it already holds
+(`out`), so an exchange's answers land in place instead of in a new tensor each.
 """
 from __future__ import annotations
 
-import math
-
+import numpy as np
 import torch
 
-from llama4.dtypes import DTYPE_NAMES, dtype_name, torch_dtype
+from llama4.dtypes import DTYPE_NAMES
 
 MAX_ROWS = 1 << 16  # rows in one tensor message (tokens of one MoE exchange)
 ROW_OVERHEAD_BYTES = 16  # protobuf bytes per row beside the tensor: its expert id and worker (varints)
 MESSAGE_OVERHEAD_BYTES = 1024  # headers, dtype, shape and field tags of one message
+_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # wire name -> torch dtype
+_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def rows_per_message(cols: int, dtype: torch.dtype, max_message_bytes: int) -> int:
@@ -29,32 +31,48 @@ class WireError(ValueError):
 
 def write_tensor(msg, t: torch.Tensor):
     """Set a herd.v1.Tensor message from a tensor; returns the message."""
-    name = dtype_name(t.dtype)
+    name = _NAMES.get(t.dtype)
     if name is None:
         raise WireError(f"dtype {t.dtype} cannot travel on the wire; allowed: {list(DTYPE_NAMES)}")
-    flat = t.detach().to("cpu").contiguous().reshape(-1)
-    msg.dtype, msg.data = name, flat.view(torch.uint8).numpy().tobytes()
-    msg.shape[:] = list(t.shape)
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    msg.dtype = name
+    msg.data = t.detach().reshape(-1).view(torch.uint8).numpy().tobytes()
+    msg.shape[:] = t.shape
     return msg
 
 
 def read_tensor(msg, *, dtype: torch.dtype, cols: int, max_rows: int, what: str = "x",
-                exact: bool = False) -> torch.Tensor:
+                exact: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
     """A [rows, cols] tensor from a herd.v1.Tensor, or WireError naming the problem.
-    exact=True: an answer must have exactly max_rows rows."""
-    if msg.dtype not in DTYPE_NAMES:
+    exact=True: an answer must have exactly max_rows rows. out: a contiguous [rows, cols] tensor of
+    dtype to decode into (the answer then has exactly out's rows) instead of a new tensor."""
+    if out is not None and (out.dtype != dtype or out.dim() != 2 or out.shape[1] != cols
+                            or not out.is_contiguous() or out.device.type != "cpu"):
+        raise ValueError(f"out must be a contiguous CPU [rows, {cols}] {dtype} tensor, "
+                         f"not {out.dtype} {list(out.shape)} on {out.device}")
+    if msg.dtype not in _DTYPES:
         raise WireError(f"{what}.dtype={msg.dtype!r} is not allowed; allowed: {list(DTYPE_NAMES)}")
-    if msg.dtype != dtype_name(dtype):
-        raise WireError(f"{what}.dtype={msg.dtype!r} does not match the model's compute dtype {dtype_name(dtype)!r}")
+    if _DTYPES[msg.dtype] != dtype:
+        raise WireError(f"{what}.dtype={msg.dtype!r} does not match the model's compute dtype {_NAMES.get(dtype)!r}")
+    if out is not None:
+        max_rows, exact = out.shape[0], True
     shape = list(msg.shape)
     if len(shape) != 2 or shape[1] != cols or not 0 <= shape[0] <= max_rows or (exact and shape[0] != max_rows):
         rows = str(max_rows) if exact else f"rows <= {max_rows}"
         raise WireError(f"{what}.shape={shape} is invalid; expected [{rows}, {cols}]")
-    expected = math.prod(shape) * torch_dtype(msg.dtype).itemsize
-    if len(msg.data) != expected:
-        raise WireError(f"{what}: {len(msg.data)} bytes for shape {shape} and dtype {msg.dtype}; expected {expected}")
-    t = torch.frombuffer(bytearray(msg.data), dtype=dtype) if expected else torch.empty(0, dtype=dtype)
-    t = t.view(shape)
+    expected = shape[0] * cols * dtype.itemsize
+    data = msg.data
+    if len(data) != expected:
+        raise WireError(f"{what}: {len(data)} bytes for shape {shape} and dtype {msg.dtype}; expected {expected}")
+    if out is not None:
+        if expected:
+            np.copyto(out.view(torch.uint8).numpy().reshape(-1), np.frombuffer(data, dtype=np.uint8))
+        t = out
+    else:  # a bytearray: the tensor owns writable memory (torch.frombuffer over bytes would alias immutable data)
+        t = torch.frombuffer(bytearray(data), dtype=dtype).view(shape) if expected else torch.empty(shape, dtype=dtype)
     if not torch.isfinite(t).all():
         raise WireError(f"{what} contains NaN or infinity")
     return t
