@@ -8,9 +8,10 @@ import time
 
 from llama4.errors import HerdInputError
 from llama4.quant import EXPERT_DTYPES
-from llama4.store import DEFAULT_MODEL
+from llama4.store import DEFAULT_MODEL, cache_home
 
 EXIT_USAGE = 2
+WORKERS_HEARTBEAT, WORKERS_BEAT_S = "workers.heartbeat", 10.0  # `herd workers` touches it; workers-alive reads it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -260,9 +261,37 @@ def cmd_workers(args) -> int:
     for i in infos:
         print(f"expert-worker-{i['index']} serving at {i['address']} on node {i['node_id']} ({i['node_ip']}), "
               f"experts {expert_span(i['experts'])}", flush=True)
-    wait_for_signal()  # Ray restarts dead workers (max_restarts=-1); this process owns them
+    heartbeat = cache_home() / WORKERS_HEARTBEAT
+
+    def beat() -> str | None:  # the liveness of this process: its loop turns and its Ray connection is up
+        if not ray.is_initialized():
+            return "lost the Ray cluster"
+        heartbeat.parent.mkdir(parents=True, exist_ok=True)
+        heartbeat.touch()
+        return None
+
+    beat()
+    # Ray restarts dead workers (max_restarts=-1); this process owns them, so it stays until stopped.
+    reason = wait_for_signal(beat, every_s=WORKERS_BEAT_S)
+    if reason:
+        print(f"herd workers: {reason}", file=sys.stderr, flush=True)
+        return 1
     for actor in actors:
         ray.kill(actor, no_restart=True)
+    return 0
+
+
+def cmd_workers_alive(args) -> int:
+    """The `herd workers` sidecar's liveness probe: its heartbeat is recent."""
+    heartbeat = cache_home() / WORKERS_HEARTBEAT
+    try:
+        age = time.time() - heartbeat.stat().st_mtime
+    except FileNotFoundError:
+        print(f"herd: no heartbeat at {heartbeat}: is `herd workers` running?", file=sys.stderr)
+        return 1
+    if age > args.max_age:
+        print(f"herd: `herd workers` last beat {age:.0f} s ago (over {args.max_age:.0f} s)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -399,6 +428,10 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--ray-address", default="auto")
     w.set_defaults(func=cmd_workers)
 
+    wa = sub.add_parser("workers-alive", help="exit 0 if `herd workers` on this machine beat recently (a probe)")
+    wa.add_argument("--max-age", type=float, default=60.0, help="seconds since its last beat")
+    wa.set_defaults(func=cmd_workers_alive)
+
     st = sub.add_parser("status", help="workers, their experts, health, load per expert, batch sizes")
     st.add_argument("--target", required=True, help="HOST:PORT of the attention service")
     st.set_defaults(func=cmd_status)
@@ -407,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--model", required=True, help="checkpoint directory or preset (scout, maverick, behemoth)")
     pl.add_argument("--gpu", default="h100-80gb", help="h100-80gb, h200-141gb, a100-80gb, a100-40gb, l40s-48gb, "
                                                        "b200-192gb")
-    pl.add_argument("--expert-dtype", default="bf16", help="bf16, fp32, fp8, int8, int4 (group 128), int4-g64, int4-g32")
+    pl.add_argument("--expert-dtype", default="bf16",
+                    help="bf16, fp32, fp8, int8, int4 (group 128), int4-g64, int4-g32")
     pl.add_argument("--dtype", default="bf16", help="dense weights and KV cache: bf16 or fp32")
     pl.add_argument("--workers", type=int, help="expert workers to check (default: the fewest that fit)")
     pl.add_argument("--replicas", type=int, default=1, help="workers holding each expert")

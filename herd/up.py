@@ -17,8 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from herd.deploy import DeployConfig, place_experts, worker_wait_s
+from herd.deploy import DeployConfig, place_experts
 from herd.redis_server import RedisServer
+from herd.services import service_argv
 from llama4.config import ModelConfig
 from llama4.errors import HerdInputError
 from llama4.fingerprint import fingerprint, weight_files
@@ -122,8 +123,6 @@ class Cluster:
         # instead of each hashing every byte of the checkpoint at the same time.
         fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
         stage()
-        # Steps wait this long for a restarting worker (its shard reloads); the attention side waits longer.
-        wait = worker_wait_s(cfg, ckpt_cfg)
         secrets_env = self._secrets()
         os.environ.update(secrets_env)  # Ray's processes (the expert workers) inherit the cluster token
         self._start_ray()
@@ -135,27 +134,12 @@ class Cluster:
 
         env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
                "PYTHONPATH": str(ROOT)}
-        self.router_address = self._spawn("router", [
-            "-m", "router_svc", "--model", model_path, "--dtype", cfg.dtype, "--expert-dtype", cfg.expert_dtype,
-            "--host", cfg.host,
-            "--port", str(cfg.router_port), "--cluster", cfg.cluster,
-            "--max-message-bytes", str(cfg.max_message_bytes), "--worker-wait", str(wait),
-            *([] if cfg.router_metrics_port is None else ["--metrics-port", str(cfg.router_metrics_port)])],
-            env, "ROUTER_LISTENING")
+        self.router_address = self._spawn("router", service_argv("router", cfg, model_path), env, "ROUTER_LISTENING")
         wait_serving(self.router_address, cfg.startup_timeout_s)
         stage()
-        batching = json.dumps(vars(cfg.batching))
-        self.attention_address = self._spawn("attention", [
-            "-m", "attention_svc", "--model", model_path, "--router", self.router_address, "--dtype", cfg.dtype,
-            "--expert-dtype", cfg.expert_dtype,
-            "--device", cfg.device, "--host", cfg.host, "--port", str(cfg.attention_port), "--batching", batching,
-            "--route-timeout", str(max(cfg.route_timeout_s, wait + 10)), "--kv-ttl", str(cfg.kv_ttl_s),
-            "--max-message-bytes", str(cfg.max_message_bytes), "--drain", str(cfg.drain_timeout_s),
-            "--max-streams", str(cfg.max_streams),
-            *([] if cfg.http_port is None else ["--http-port", str(cfg.http_port), "--served-model-name",
-                                                Path(cfg.model).name]),
-            *(["--tls-cert", cfg.tls_cert, "--tls-key", cfg.tls_key] if cfg.tls_cert else []),
-            *([] if cfg.kv_tier else ["--no-kv-tier"])], env, "ATTENTION_LISTENING")
+        self.attention_address = self._spawn("attention", service_argv("attention", cfg, model_path,
+                                                                       self.router_address), env,
+                                             "ATTENTION_LISTENING")
         tls_ca = Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None
         wait_serving(self.attention_address.replace("127.0.0.1", "localhost") if tls_ca else self.attention_address,
                      cfg.startup_timeout_s, tls_ca)

@@ -193,6 +193,8 @@ def multinode(herd_home, redis_server, tmp_path):
 
 def test_workers_spread_over_nodes_and_a_lost_node_changes_no_token(multinode):
     ray, target, env, run = multinode
+    alive = subprocess.run([str(BIN / "herd"), "workers-alive"], env=env, capture_output=True, text=True, timeout=60)
+    assert alive.returncode == 0, alive.stderr  # the sidecar's liveness probe on Kubernetes
     placed = ray.workers()
     assert sorted(placed) == [f"expert-worker-{i}" for i in range(WORKERS)]
     assert {a["node_id"] for a in placed.values()} == set(ray.worker_nodes)  # one on each worker node, none on head

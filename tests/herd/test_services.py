@@ -132,3 +132,17 @@ def test_serve_router_from_secret_files_is_alive_but_unready_without_workers(tin
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+def test_workers_alive_reads_the_heartbeat_of_herd_workers(tmp_path):
+    env = {**os.environ, "HERD_HOME": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    probe = lambda: subprocess.run([*HERD, "workers-alive", "--max-age", "30"], env=env, capture_output=True,
+                                   text=True, timeout=60)
+    missing = probe()
+    assert missing.returncode == 1 and "is `herd workers` running" in missing.stderr
+    beat = tmp_path / "workers.heartbeat"
+    beat.touch()
+    assert probe().returncode == 0
+    os.utime(beat, (time.time() - 120, time.time() - 120))  # a loop that stopped turning two minutes ago
+    stale = probe()
+    assert stale.returncode == 1 and "last beat" in stale.stderr
