@@ -67,8 +67,10 @@ def serve(name: str, cfg: DeployConfig, router_address: str | None) -> None:
     env = {**os.environ, **secrets_env()}
     for name_ in SECRET_ENV:
         env.pop(name_ + "_FILE", None)
-    if name == "attention" and cfg.auth and not env.get(API_KEYS_ENV):
-        raise HerdInputError(f"attention: auth is on but no API key is set ({API_KEYS_ENV} or {API_KEYS_ENV}_FILE)")
+    needed = [CLUSTER_TOKEN_ENV, *([API_KEYS_ENV] if name == "attention" else [])] if cfg.auth else []
+    for secret in needed:  # with auth on, a service without its secrets would serve everyone: refuse to start
+        if not env.get(secret):
+            raise HerdInputError(f"{name}: auth is on but {secret} (or {secret}_FILE) is not set")
     sys.stdout.flush()
     os.execve(sys.executable, [sys.executable, *argv], env)
 

@@ -146,3 +146,16 @@ def test_workers_alive_reads_the_heartbeat_of_herd_workers(tmp_path):
     os.utime(beat, (time.time() - 120, time.time() - 120))  # a loop that stopped turning two minutes ago
     stale = probe()
     assert stale.returncode == 1 and "last beat" in stale.stderr
+
+
+def test_serve_refuses_to_start_without_its_secrets_when_auth_is_on(tiny, tmp_path):
+    cfg = config(tmp_path, model=str(tiny))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HERD_")}
+    env.update(PYTHONPATH=str(ROOT), HERD_HOME=str(tmp_path / "home"), HERD_STATE_REDIS_URL="redis://127.0.0.1:1/0")
+    out = subprocess.run([*HERD, "serve", "router", "--config", str(cfg)], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and "HERD_CLUSTER_TOKEN" in out.stderr
+    env["HERD_CLUSTER_TOKEN"] = "t"
+    out = subprocess.run([*HERD, "serve", "attention", "--config", str(cfg), "--router", "127.0.0.1:1"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "HERD_API_KEYS" in out.stderr
