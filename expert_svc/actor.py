@@ -20,7 +20,7 @@ RAY_METRICS_EVERY_S = 2.0
 @ray.remote(max_restarts=-1, max_task_retries=0)
 class ExpertWorker:
     def __init__(self, index: int, experts: list[int], model_path: str, dtype: str, device: str,
-                 redis_url: str, cluster: str, host: str = "127.0.0.1", threads: int = 1,
+                 cluster: str, host: str = "127.0.0.1", threads: int = 1,
                  max_message_bytes: int = 64 * 1024 * 1024, expert_dtype: str = "auto",
                  metrics_port: int | None = 0):
         import torch
@@ -30,7 +30,7 @@ class ExpertWorker:
         from llama4.errors import HerdInputError
         from plumbing.auth import CLUSTER_TOKEN_ENV, env_secret
         from plumbing.metrics_http import serve_metrics
-        from plumbing.registry import WorkerRegistry
+        from plumbing.registry import STATE_REDIS_URL_ENV, WorkerRegistry
 
         torch.set_num_threads(threads)
         self.index, self.experts, self.error, self.expert_dtype = index, experts, None, expert_dtype
@@ -41,6 +41,11 @@ class ExpertWorker:
             # The cluster token comes from the environment Ray started this process with (the variable, or
             # the file its _FILE names, as on Kubernetes), not an argument (the Ray dashboard shows those).
             token = env_secret(CLUSTER_TOKEN_ENV)
+            # So does the registry's URL, which carries the state Redis' password.
+            redis_url = env_secret(STATE_REDIS_URL_ENV)
+            if not redis_url:
+                raise HerdInputError(f"{STATE_REDIS_URL_ENV} (or {STATE_REDIS_URL_ENV}_FILE) is not set in the "
+                                     "environment of this Ray node: the worker cannot register")
             self.server, port, self.servicer = serve(model_path, experts, torch_dtype(dtype), device, host=host,
                                                      max_message_bytes=max_message_bytes, token=token,
                                                      expert_dtype=expert_dtype)

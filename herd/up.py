@@ -27,7 +27,7 @@ from llama4.progress import progress
 from llama4.store import cache_home, resolve_model
 from plumbing.auth import API_KEY_FILE, API_KEYS_ENV, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_FILE, read_secrets
 from plumbing.grpc_server import wait_serving
-from plumbing.registry import WorkerRegistry, expert_span
+from plumbing.registry import STATE_REDIS_URL_ENV, WorkerRegistry, expert_span
 
 STAGES = ("model and redis", "ray", "expert workers", "router", "attention")
 CLUSTER_FILE = "cluster.json"  # under the herd home: the endpoints of the cluster herd up runs
@@ -124,7 +124,8 @@ class Cluster:
         fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
         stage()
         secrets_env = self._secrets()
-        os.environ.update(secrets_env)  # Ray's processes (the expert workers) inherit the cluster token
+        # Ray's processes (the expert workers) inherit the cluster token and the registry's URL.
+        os.environ.update({**secrets_env, STATE_REDIS_URL_ENV: state_url})
         self._start_ray()
         stage()
         self.actors, infos = start_expert_workers(cfg, model_path, state_url)
@@ -282,6 +283,10 @@ class Cluster:
 def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
     """One ExpertWorker actor per shard on the connected Ray cluster; waits until each serves.
 
+    redis_url is the registry's, for clearing it here; the workers find it in their Ray node's
+    environment (HERD_STATE_REDIS_URL or its _FILE), never in their arguments, which Ray's
+    dashboard and state API show.
+
     Used by `herd up` (local Ray) and `herd workers` (an existing Ray cluster, e.g. KubeRay).
     A worker asks Ray for gpus_per_worker GPUs and the worker_resources custom resources (no
     CPUs: worker_threads sizes its torch pool); SPREAD puts the workers on as many nodes as have
@@ -297,7 +302,7 @@ def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):
         opts = dict(name=f"expert-worker-{i}", namespace="herd", num_cpus=0, num_gpus=cfg.gpus_per_worker,
                     resources=dict(cfg.worker_resources), scheduling_strategy="SPREAD")
         actors.append(ExpertWorker.options(**opts).remote(
-            i, experts, model_path, cfg.dtype, cfg.device, redis_url, cfg.cluster, cfg.host, cfg.worker_threads,
+            i, experts, model_path, cfg.dtype, cfg.device, cfg.cluster, cfg.host, cfg.worker_threads,
             cfg.max_message_bytes, cfg.expert_dtype, cfg.worker_metrics_port))
     try:
         infos = ray.get([a.info.remote() for a in actors], timeout=cfg.startup_timeout_s)

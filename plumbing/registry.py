@@ -16,6 +16,7 @@ import threading
 import redis
 
 log = logging.getLogger("herd.registry")
+STATE_REDIS_URL_ENV = "HERD_STATE_REDIS_URL"  # where the registry lives; Ray's processes find it in their environment
 HEARTBEAT_S = 2.0  # how often a worker re-publishes itself
 TTL_S = 10  # a worker silent this long drops out of the registry (the router keeps its last address)
 
