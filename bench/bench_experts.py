@@ -2,10 +2,12 @@
 
 bench-maverick's expert shape (hidden 1024, intermediate 512, fp32), every expert of a bank
 given the same number of rows (1, 4, 16, 64), plus a decode-like case with few experts active.
-Candidates: `loop` (the kernel before grouping: one matmul pair per active expert, from Python),
-`grouped` (kernels.grouped_expert_ffn: torch._grouped_mm over the whole bank), `bmm pad`
-(rows padded to the largest count, torch.bmm over a view of every expert's weights, idle ones
-included) and `bmm gather` (the active experts' weights copied out with index_select, then bmm).
+Candidates: `loop` (the kernel before: one matmul pair per active expert from Python, weights
+[E, in, out] row-major), `loop out` (the same loop on the out-major bank), `grouped in`
+(torch._grouped_mm over the whole [E, in, out] bank), `grouped` (what herd runs now:
+kernels.grouped_expert_ffn on a DenseBank, torch._grouped_mm over the out-major bank), `bmm pad`
+(rows padded to the largest count, torch.bmm over every expert's weights, idle ones included)
+and `bmm gather` (the active experts' weights copied out with index_select, then bmm).
 Run: .venv/bin/python -m bench.bench_experts [--experts 32] [--runs 7] [--threads N]
 """
 from __future__ import annotations
@@ -93,13 +95,16 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     e = args.experts
     w13, w2 = torch.randn(e, H, 2 * I, generator=gen) * 0.03, torch.randn(e, I, H, generator=gen) * 0.03
-    b13, b2 = DenseBank(w13), DenseBank(w2)
-    if not b13.grouped:
+    b13, b2 = DenseBank(w13), DenseBank(w2)  # out-major copies, as load_experts builds them
+    i13, i2 = DenseBank(w13, out_major=False), DenseBank(w2, out_major=False)
+    if not b13.grouped or not i13.grouped:
         raise SystemExit("torch._grouped_mm does not take this shape here: nothing to compare")
     cases = [(f"{r} rows x {e} experts", torch.arange(e).repeat_interleave(r)) for r in (1, 4, 16, 64)]
     cases += [("1 row, 1 expert", torch.tensor([e // 2])),
               (f"8 rows on 8 of {e} experts", torch.arange(0, e, max(1, e // 8))[:8])]
     candidates = {"loop": lambda x, ids: loop_ffn(x, ids, w13, w2),
+                  "loop out": lambda x, ids: loop_ffn(x, ids, b13.w, b2.w),
+                  "grouped in": lambda x, ids: grouped_expert_ffn(x, ids, i13, i2),
                   "grouped": lambda x, ids: grouped_expert_ffn(x, ids, b13, b2),
                   "bmm pad": lambda x, ids: bmm_pad_ffn(x, ids, w13, w2),
                   "bmm gather": lambda x, ids: bmm_gather_ffn(x, ids, w13, w2)}
@@ -116,12 +121,13 @@ def main() -> None:
                                           args.runs)
             ms = {c: t * 1e3 for c, t in seconds.items()}
             gflops = 6 * len(ids) * H * I / (ms["grouped"] * 1e-3) / 1e9
-            rows.append([name, ms["loop"], ms["grouped"], ms["loop"] / ms["grouped"], ms["bmm pad"],
-                         ms["bmm gather"], gflops])
+            rows.append([name, ms["loop"], ms["loop out"], ms["grouped in"], ms["grouped"], ms["loop"] / ms["grouped"],
+                         ms["bmm pad"], ms["bmm gather"], gflops])
     peak = matmul_peak_gflops()
     print_table(f"grouped expert FFN, H={H} I={I}, {e} experts in the bank, fp32, {args.threads} threads, "
                 f"median of {args.runs} (ms)",
-                ["case", "loop", "grouped", "loop / grouped", "bmm pad", "bmm gather", "grouped GFLOP/s"], rows)
+                ["case", "loop", "loop out", "grouped in", "grouped", "loop / grouped", "bmm pad", "bmm gather",
+                 "grouped GFLOP/s"], rows)
     print(f"\nfp32 matmul peak measured now: {peak:.0f} GFLOP/s")
 
 

@@ -25,8 +25,8 @@ def grouped_expert_ffn(x: torch.Tensor, expert_ids: torch.Tensor, w13, w2, sorte
     each worker its rows grouped by expert), so no sort and no scatter back are needed."""
     if x.shape[0] == 0:
         return torch.empty_like(x)
-    w13 = DenseBank(w13) if isinstance(w13, torch.Tensor) else w13
-    w2 = DenseBank(w2) if isinstance(w2, torch.Tensor) else w2
+    w13 = DenseBank(w13, out_major=False) if isinstance(w13, torch.Tensor) else w13
+    w2 = DenseBank(w2, out_major=False) if isinstance(w2, torch.Tensor) else w2
     counts = torch.bincount(expert_ids, minlength=w13.num_experts)
     if sorted_by_expert or x.shape[0] == 1:
         return _swiglu_experts(x, counts, w13, w2)

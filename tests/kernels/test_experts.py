@@ -62,11 +62,13 @@ def test_dense_grouped_equals_the_loop_and_the_formula(case):
     x = torch.randn(len(ids), H, generator=torch.Generator().manual_seed(1))
     b13, b2 = DenseBank(w13), DenseBank(w2)
     assert b13.grouped and b2.grouped  # this shape runs torch._grouped_mm on the CPU, not the loop
+    assert torch.equal(b13.w, w13) and b13.w.stride() == (H * 2 * I, 1, H)  # the same values, stored out-major
     got = grouped_expert_ffn(x, ids, b13, b2)
     assert got.shape == x.shape
     assert torch.allclose(got, loop_ffn(x, ids, b13, b2), rtol=1e-5, atol=1e-6)
     assert torch.allclose(got, dense_reference(x, ids, w13, w2), rtol=1e-4, atol=1e-5)
-    assert torch.allclose(grouped_expert_ffn(x, ids, w13, w2), got)  # raw tensors take the same path
+    # Raw tensors run as given ([in, out] rows, no copy): the same values, summed in another order.
+    assert torch.allclose(grouped_expert_ffn(x, ids, w13, w2), got, rtol=1e-5, atol=1e-6)
 
 
 def test_no_rows_and_unaligned_shapes_fall_back_to_the_loop():
