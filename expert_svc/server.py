@@ -10,6 +10,7 @@ import threading
 import time
 
 import grpc
+import numpy as np
 import torch
 from prometheus_client import CollectorRegistry
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -20,7 +21,7 @@ from llama4.checkpoint import Checkpoint
 from llama4.quant import serving_fingerprint
 from llama4.weights import expert_bytes, load_experts
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
-from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
+from plumbing.tensor_codec import MAX_ROWS, WireError, all_finite, read_tensor, write_tensor
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
@@ -31,9 +32,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         # Published with the address: the router refuses workers serving other weights or other expert dtypes.
         self.fingerprint = serving_fingerprint(ckpt.fingerprint(), expert_dtype, ckpt.stored_fp8)
         self.experts = sorted(experts)
-        # Global expert id -> index in this worker's weights, -1 for experts it does not hold.
-        self.global_to_local = torch.full((self.cfg.num_local_experts,), -1, dtype=torch.long)
-        self.global_to_local[self.experts] = torch.arange(len(self.experts))
+        # Global expert id -> index in this worker's weights, -1 for experts it does not hold (numpy:
+        # checking a few ids costs a microsecond a step, not a torch op's several).
+        self.global_to_local = np.full(self.cfg.num_local_experts, -1, dtype=np.int64)
+        self.global_to_local[self.experts] = np.arange(len(self.experts))
         self.weights = load_experts(ckpt, self.experts, dtype, device, expert_dtype)
         self.expert_bytes = expert_bytes(self.weights)  # resident bytes by storage dtype, for herd status
         _return_freed_memory()
@@ -52,26 +54,29 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
             if request.layer not in self.weights:
                 raise WireError(f"layer={request.layer} is not a MoE layer; allowed: {sorted(self.weights)}")
             x = read_tensor(request.x, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=MAX_ROWS)
-            if len(request.expert_ids) != x.shape[0]:
-                raise WireError(f"expert_ids has {len(request.expert_ids)} entries for {x.shape[0]} rows")
-            ids = torch.tensor(list(request.expert_ids), dtype=torch.long)
-            if ids.numel() and (ids.min() < 0 or ids.max() >= self.cfg.num_local_experts):
+            n = x.shape[0]
+            if len(request.expert_ids) != n:
+                raise WireError(f"expert_ids has {len(request.expert_ids)} entries for {n} rows")
+            ids = np.fromiter(request.expert_ids, dtype=np.int64, count=n)
+            if n and (ids.min() < 0 or ids.max() >= self.cfg.num_local_experts):
                 raise WireError(f"expert id out of range; allowed: [0, {self.cfg.num_local_experts})")
             local = self.global_to_local[ids]
             if (local < 0).any():
                 raise WireError(f"expert {int(ids[local < 0][0])} is not held by this worker; it holds {self.experts}")
         except WireError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        in_order = bool((local[1:] >= local[:-1]).all())  # the router sends rows grouped by expert
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
             w13, w2 = self.weights[request.layer]
-            y = grouped_expert_ffn(x.to(self.device), local.to(self.device), w13, w2)
+            y = grouped_expert_ffn(x.to(self.device), torch.from_numpy(local).to(self.device), w13, w2,
+                                   sorted_by_expert=in_order)
             self.compute_seconds += time.perf_counter() - start
-        if not torch.isfinite(y).all():  # finite inputs can still overflow: the caller's fault, this call only
+        if not all_finite(y):  # finite inputs can still overflow: the caller's fault, this call only
             context.abort(grpc.StatusCode.INVALID_ARGUMENT,
                           f"expert output overflowed for layer {request.layer}: inputs out of range "
                           f"(max |x| = {x.abs().max().item():.3g})")
-        self.rows_served += x.shape[0]
+        self.rows_served += n
         self.calls += 1
         resp = expert_pb2.RunExpertsResponse()
         write_tensor(resp.y, y)

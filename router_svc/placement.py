@@ -71,6 +71,7 @@ class Placement:
         self.refused: dict[int, tuple[str, str]] = {}  # index -> (address, why)
         self.workers: dict[int, Worker] = {}
         self.replicas: dict[int, list[int]] = {}  # expert -> workers holding it
+        self._choice: tuple | None = None  # (replicas it was built from, choice [E], complete) while all are healthy
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
@@ -116,13 +117,27 @@ class Placement:
 
     def assign(self, expert_ids: torch.Tensor) -> torch.Tensor:
         """The worker for each row: one usable replica per expert (spread by expert id), -1 if none."""
-        choice = torch.full((self.num_experts,), -1, dtype=torch.long)
-        for e in expert_ids.unique().tolist():
-            holders = self.replicas.get(e, [])
+        return self.choice()[0][expert_ids]
+
+    def choice(self) -> tuple[torch.Tensor, bool]:
+        """The worker for each expert [E] (one usable replica, spread by expert id; -1 if none) and
+        whether every expert has one. While every worker is healthy the table is built once per
+        registry change, not per Route."""
+        all_healthy = all(w.healthy for w in list(self.workers.values()))
+        cached = self._choice
+        if all_healthy and cached is not None and cached[0] is self.replicas:
+            return cached[1], cached[2]
+        replicas = self.replicas
+        table = [-1] * self.num_experts
+        for e, holders in replicas.items():
             usable = [w for w in holders if self.workers[w].usable()]
-            if usable:
-                choice[e] = usable[e % len(usable)]
-        return choice[expert_ids]
+            if usable and 0 <= e < self.num_experts:
+                table[e] = usable[e % len(usable)]
+        choice = torch.tensor(table, dtype=torch.long)
+        complete = -1 not in table
+        if all_healthy:
+            self._choice = (replicas, choice, complete)
+        return choice, complete
 
     def watch(self, health_servicer, service_names: list[str]) -> None:
         """Probe every worker's health in the background and set readiness ("" and the service

@@ -42,6 +42,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.tokens_per_expert = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.gates}
         self.routes = self.retries = self.worker_rpcs = 0
         self.metrics = RouterMetrics(self)
+        self._rpc_children: dict[int, object] = {}  # worker -> its herd:worker_rpc_seconds series
 
     def RouteStream(self, request_iterator, context):
         for request in request_iterator:
@@ -69,33 +70,51 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def _dispatch(self, layer: int, x: torch.Tensor, expert_ids: torch.Tensor,
                   deadline: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run every row on a worker holding its expert: (y [N, H] in token order, worker of each row [N])."""
-        y = torch.empty_like(x)
-        served_by = torch.full((x.shape[0],), -1, dtype=torch.long)
-        todo = torch.arange(x.shape[0])
+        """Run every row on a worker holding its expert: (y [N, H] in token order, worker of each row [N]).
+
+        Rows go out sorted by (worker, expert): each worker gets one contiguous block of them, its
+        rows contiguous per expert (so it need not sort), and its answer is decoded straight into
+        the same block of the sorted output."""
+        y = served_by = None  # y is allocated only when the rows went out reordered
+        todo = None  # the rows (indices into x) still to run; None: every row
         placement = self.placement
-        while todo.numel():
-            owner = placement.assign(expert_ids[todo])
-            if (owner < 0).any():  # every holder is down: wait for one to (re)publish
+        while True:
+            ids = expert_ids if todo is None else expert_ids[todo]
+            choice, complete = placement.choice()
+            owner = choice[ids]
+            if not complete and (owner < 0).any():  # every holder is down: wait for one to (re)publish
                 if time.monotonic() >= deadline:
                     raise RpcFailure(grpc.StatusCode.UNAVAILABLE,
-                                     f"no usable worker holds experts {expert_ids[todo][owner < 0].unique().tolist()}")
+                                     f"no usable worker holds experts {ids[owner < 0].unique().tolist()}")
                 time.sleep(0.2)
                 placement.refresh()
                 continue
-            calls = []
-            for w in owner.unique().tolist():  # every send first: the workers compute concurrently
-                rows = todo[owner == w]
+            if todo is None:
+                served_by = owner
+            else:
+                served_by[todo] = owner
+            rows = todo  # sorted position -> row of x; None: the identity
+            if ids.shape[0] > 1:
+                order = torch.argsort(owner * self.cfg.num_local_experts + ids, stable=True)
+                rows = order if todo is None else todo[order]
+                ids, owner = ids[order], owner[order]
+            x_sorted = x if rows is None else x[rows]
+            y_sorted = torch.empty_like(x_sorted)
+            workers, counts = torch.unique_consecutive(owner, return_counts=True)
+            ids_list = ids.tolist()
+            calls, start = [], 0
+            for w, count in zip(workers.tolist(), counts.tolist(), strict=True):  # every send first
                 worker = placement.workers[w]
-                req = expert_pb2.RunExpertsRequest(layer=layer, expert_ids=expert_ids[rows].tolist())
-                write_tensor(req.x, x[rows])
+                req = expert_pb2.RunExpertsRequest(layer=layer, expert_ids=ids_list[start : start + count])
+                write_tensor(req.x, x_sorted[start : start + count])
                 worker.stream.send(req)
-                calls.append((worker, rows, time.monotonic()))
+                calls.append((worker, start, count, time.monotonic()))
+                start += count
             failed, fatal = [], None
-            for worker, rows, sent in calls:  # every send gets its receive (it releases the stream)
+            for worker, start, count, sent in calls:  # every send gets its receive (it releases the stream)
                 try:
                     resp = worker.stream.receive(timeout=max(deadline - time.monotonic(), 0.01))
-                    self.metrics.rpc_seconds.labels(str(worker.index)).observe(time.monotonic() - sent)
+                    self._rpc_seconds(worker.index).observe(time.monotonic() - sent)
                 except grpc.RpcError as exc:
                     if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
                         fatal = fatal or exc
@@ -103,29 +122,43 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address,
                                 exc.code())
                     worker.mark_down()
-                    failed.append(rows)
+                    failed.append((start, count))
                     continue
                 worker.healthy = True
                 worker.rpcs += 1
-                worker.rows += len(rows)
+                worker.rows += count
                 self.worker_rpcs += 1
                 try:
-                    y[rows] = read_tensor(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=len(rows),
-                                          what="y", exact=True)
+                    read_tensor(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=count, what="y",
+                                out=y_sorted[start : start + count])
                 except WireError as exc:  # the exchange fails; the stream and the worker stay good
                     fatal = fatal or RpcFailure(grpc.StatusCode.INTERNAL, f"expert worker {worker.index}: {exc}")
-                    continue
-                served_by[rows] = worker.index
             if fatal is not None:
                 raise fatal
-            if failed:
-                self.retries += 1
-                self.metrics.rerouted_rows.inc(sum(len(r) for r in failed))
-                placement.refresh()  # a restarted worker may already have published its new address
-                todo = torch.cat(failed)
-            else:
-                todo = todo[:0]
-        return y, served_by
+            if not failed:
+                if rows is None:
+                    return y_sorted, served_by
+                y = torch.empty_like(x) if y is None else y
+                y[rows] = y_sorted
+                return y, served_by
+            if rows is None:
+                rows = torch.arange(x.shape[0])
+            if y is None:
+                y = torch.empty_like(x)
+            keep = torch.ones(rows.shape[0], dtype=torch.bool)
+            for start, count in failed:
+                keep[start : start + count] = False
+            y[rows[keep]] = y_sorted[keep]
+            self.retries += 1
+            self.metrics.rerouted_rows.inc(int((~keep).sum()))
+            placement.refresh()  # a restarted worker may already have published its new address
+            todo = rows[~keep]
+
+    def _rpc_seconds(self, worker: int):
+        child = self._rpc_children.get(worker)
+        if child is None:
+            child = self._rpc_children[worker] = self.metrics.rpc_seconds.labels(str(worker))
+        return child
 
     def Status(self, request, context):
         status = router_pb2.RouterStatus(routes=self.routes, retries=self.retries, worker_rpcs=self.worker_rpcs,

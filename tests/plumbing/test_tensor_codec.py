@@ -70,3 +70,14 @@ def test_non_contiguous_and_bfloat16_tensors_travel():
     assert torch.equal(read_tensor(msg_of(t), dtype=torch.float32, cols=8, max_rows=5), t)
     b = torch.randn(3, 8).bfloat16()
     assert torch.equal(read_tensor(msg_of(b), dtype=torch.bfloat16, cols=8, max_rows=3), b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_values_are_refused_in_every_dtype(dtype, bad):
+    t = torch.randn(3, 8).to(dtype)
+    t[2, 7] = bad
+    with pytest.raises(WireError, match="NaN or infinity"):
+        read_tensor(msg_of(t), dtype=dtype, cols=8, max_rows=3)
+    with pytest.raises(WireError, match="NaN or infinity"):
+        read_tensor(msg_of(t), dtype=dtype, cols=8, max_rows=3, out=torch.empty(3, 8, dtype=dtype))
