@@ -2,12 +2,15 @@
 
 Decode tokens/s at batch 1, 8, 64; prefill of 4 x 512 tokens; RPCs per MoE layer per step;
 protobuf bytes on the wire per token per MoE layer over the minimum (hidden * itemsize each
-way on each of the two hops). Run: .venv/bin/python -m bench.bench_cluster [--runs 3]
+way on each of the two hops). With --micro-batches 1,2 one attention service per count runs
+against the same router and workers (the cluster's own has the first), each measured in turn
+within every run. Run: .venv/bin/python -m bench.bench_cluster [--runs 3] [--micro-batches 1,2]
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import json
 import statistics
 import time
 
@@ -19,7 +22,7 @@ from herd.deploy import DeployConfig
 from herd.up import Cluster
 from herdpb import expert_pb2, router_pb2
 from llama4.checkpoint import Checkpoint
-from llama4.engine import Engine, Request
+from llama4.engine import Engine, Request, auto_micro_batches
 from llama4.model import Llama4Model
 from llama4.sampling import SamplingParams
 from llama4.store import resolve_model
@@ -95,39 +98,82 @@ def wire_ratio(cfg, tokens: int, workers_hit: int) -> float:
     return total / minimum
 
 
+def add_attention(cluster: Cluster, micro_batches: int) -> Client:
+    """Another attention service on the cluster's router (its argv and environment, no HTTP), with
+    micro_batches; the cluster stops it with the rest."""
+    argv, env, ready = cluster._specs["attention"]
+    argv = list(argv)
+    batching = json.loads(argv[argv.index("--batching") + 1])
+    argv[argv.index("--batching") + 1] = json.dumps({**batching, "micro_batches": micro_batches})
+    argv[argv.index("--port") + 1] = "0"
+    if "--http-port" in argv:
+        at = argv.index("--http-port")
+        del argv[at : at + 2]
+    return Client(cluster._spawn(f"attention-mb{micro_batches}", argv, env, ready))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--workers", type=int, default=4)
+    ap.add_argument("--micro-batches", default="1,2", help="micro-batch counts measured side by side")
+    ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
+    counts = [int(x) for x in args.micro_batches.split(",")]
     path = resolve_model("bench-maverick")
     model = Llama4Model.load(Checkpoint(path))
     cfg = model.cfg
     gen = torch.Generator().manual_seed(0)
     dcfg = DeployConfig.load(None, model="bench-maverick", workers=args.workers, attention_port=0, http_port=0,
                              dashboard=False)
+    dcfg.batching.micro_batches = counts[0]  # not a Batching field yet (herd/deploy.py); herd up passes it on
     with Cluster(dcfg, log=lambda *_: None) as cluster:
-        client = Client(cluster.attention_address)
-        rows = []
-        for b in [int(x) for x in args.batches.split(",")]:
-            mono_decode(model, b, gen)
-            cluster_decode(client, b, cfg.vocab_size, gen)  # warm-up
-            m = statistics.median(mono_decode(model, b, gen) for _ in range(args.runs))
-            before = client.status()
-            c = statistics.median(cluster_decode(client, b, cfg.vocab_size, gen) for _ in range(args.runs))
-            after = client.status()
-            routes = after.router.routes - before.router.routes
-            worker_rpcs = (after.router.worker_rpcs - before.router.worker_rpcs) / max(routes, 1)
-            rows.append([f"decode batch {b}", m, c, c / m, worker_rpcs])
-        m = statistics.median(mono_prefill(model, gen) for _ in range(args.runs))
-        c = statistics.median(cluster_prefill(client, cfg.vocab_size, gen) for _ in range(args.runs))
-        rows.append(["prefill 4x512", m, c, c / m, float("nan")])
-        st = client.status()
-        steps, route_rpcs = st.steps, st.route_rpcs
+        clients = {counts[0]: Client(cluster.attention_address)}
+        for k in counts[1:]:
+            clients[k] = add_attention(cluster, k)
+        rows, per_route = [], {}
+        cases = [(f"decode batch {b}", b) for b in [int(x) for x in args.batches.split(",")]]
+        if not args.no_prefill:
+            cases.append(("prefill 4x512", None))
+        for name, b in cases:
+            if b is None:
+                mono_fn = lambda: mono_prefill(model, gen)
+                fn = lambda c: cluster_prefill(c, cfg.vocab_size, gen)
+                chosen = auto_micro_batches(True, dcfg.device, 4, 4 * PREFILL)
+            else:
+                mono_fn = lambda b=b: mono_decode(model, b, gen)
+                fn = lambda c, b=b: cluster_decode(c, b, cfg.vocab_size, gen)
+                chosen = auto_micro_batches(True, dcfg.device, b, b)
+                mono_fn()
+                for c in clients.values():
+                    fn(c)  # warm-up
+            m, got = [], {k: [] for k in clients}
+            before = {k: c.status() for k, c in clients.items()}
+            for _ in range(args.runs):  # in turn within each run: the machine's drift hits every side alike
+                m.append(mono_fn())
+                for k, c in clients.items():
+                    got[k].append(fn(c))
+            after = {k: c.status() for k, c in clients.items()}
+            mono = statistics.median(m)
+            row = [name, mono]
+            for k in clients:
+                med = statistics.median(got[k])
+                routes = after[k].router.routes - before[k].router.routes
+                per_route[(name, k)] = (after[k].router.worker_rpcs - before[k].router.worker_rpcs) / max(routes, 1)
+                row += [med, med / mono]
+            rows.append(row + [chosen])
+            print(" ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in rows[-1]), flush=True)
+        steps = {k: c.status() for k, c in clients.items()}
+    header = ["case", "monolithic"]
+    for k in clients:
+        header += [f"cluster mb={k}", f"mb={k} / mono"]
     print_table(f"bench-maverick, {args.workers} expert workers, fp32, median of {args.runs} (tokens/s)",
-                ["case", "monolithic", "cluster", "cluster / mono", "RunExperts per Route"], rows)
-    print(f"\nRoute RPCs per MoE layer per step: {route_rpcs / steps / len(cfg.moe_layers):.2f}")
+                header + ["auto picks"], rows)
+    for k, st in steps.items():
+        print(f"\nmb={k}: Route exchanges per MoE layer per step: {st.route_rpcs / st.steps / len(cfg.moe_layers):.2f}")
+    # One router serves every attention service: its counters cover them all.
+    print("RunExperts per Route: " + ", ".join(f"{n} {v:.2f}" for (n, k), v in per_route.items() if k == counts[0]))
     for tokens in (1, 8, 64):
         print(f"wire bytes / minimum at {tokens} tokens per step: "
               f"{wire_ratio(cfg, tokens, min(tokens, args.workers)):.3f}")

@@ -31,8 +31,10 @@ __all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier",
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
 MAX_MICRO_BATCHES = 8
 # micro_batches="auto": a step of at least this many tokens (over 2+ sequences) is cut in two when the
-# experts are remote; smaller steps pay more for the extra exchanges than the overlap saves (bench_cluster).
-AUTO_MICRO_BATCH_TOKENS = 8
+# experts are remote and attention runs on an accelerator. On a CPU the split never paid in bench_cluster
+# (batch 1 to 64 and prefill 4 x 512: 2 micro-batches ran at 0.75-0.93x of 1): attention and the experts
+# share the same cores, so there is no idle side to overlap, and every extra exchange costs CPU time.
+AUTO_MICRO_BATCH_TOKENS = 64
 
 
 @dataclass
@@ -112,8 +114,7 @@ class Engine:
                  kv_tier: KVTier | None = None, max_waiting: int = 1024, max_prompt_tokens: int | None = None,
                  max_new_tokens: int | None = None, micro_batches: int | str = "auto"):
         """micro_batches: how many micro-batches a step is cut into (whole sequences each) so that one's
-        remote experts overlap another's dense work; "auto": 2 for a remote MoE backend on steps of at
-        least AUTO_MICRO_BATCH_TOKENS tokens, else 1."""
+        remote experts overlap another's dense work; "auto": auto_micro_batches() per step."""
         need(micro_batches == "auto" or (type(micro_batches) is int and 1 <= micro_batches <= MAX_MICRO_BATCHES),
              "batching.micro_batches", micro_batches, f'"auto" or an integer from 1 to {MAX_MICRO_BATCHES}')
         self.micro_batches = micro_batches
@@ -303,8 +304,8 @@ class Engine:
     def _num_micro_batches(self, batch: list[tuple[Sequence, int]]) -> int:
         if self.micro_batches != "auto":
             return self.micro_batches
-        remote = getattr(self.model.moe, "is_remote", False)
-        return 2 if remote and len(batch) >= 2 and sum(n for _, n in batch) >= AUTO_MICRO_BATCH_TOKENS else 1
+        return auto_micro_batches(getattr(self.model.moe, "is_remote", False), self.model.device, len(batch),
+                                  sum(n for _, n in batch))
 
     def _run(self, work: StepInputs) -> tuple[torch.Tensor, torch.Tensor, dict[int, Route]]:
         """The forward pass: fp32 logits [M, V] of the sample rows, log-probabilities [R] of the
@@ -433,6 +434,12 @@ class Engine:
         while self.has_work:
             self.step()
         return seqs
+
+
+def auto_micro_batches(is_remote: bool, device: str, num_seqs: int, num_tokens: int) -> int:
+    """The micro-batch count of micro_batches="auto" for one step (see AUTO_MICRO_BATCH_TOKENS)."""
+    on_accelerator = not str(device).startswith("cpu")
+    return 2 if is_remote and on_accelerator and num_seqs >= 2 and num_tokens >= AUTO_MICRO_BATCH_TOKENS else 1
 
 
 def _trace(routes: dict[int, Route], row: int) -> list[tuple[int, int, int]]:

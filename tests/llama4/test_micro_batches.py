@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from llama4.checkpoint import Checkpoint
-from llama4.engine import AUTO_MICRO_BATCH_TOKENS, Engine, Request
+from llama4.engine import AUTO_MICRO_BATCH_TOKENS, Engine, Request, auto_micro_batches
 from llama4.errors import HerdInputError
 from llama4.model import Llama4Model
 from llama4.moe import LocalMoE
@@ -132,17 +132,16 @@ def test_split_scores_and_route_traces_equal_whole(model):
     assert engine_traces[0] == engine_traces[1]
 
 
-def test_auto_splits_only_large_steps_for_a_remote_backend(model):
-    ps = prompts([10] * AUTO_MICRO_BATCH_TOKENS)
-    _, local = run(model, requests(ps))
-    assert set(local) == {1}  # in-process experts gain nothing from the split
+def test_auto_splits_only_large_steps_of_a_remote_backend_on_an_accelerator(model):
+    big = AUTO_MICRO_BATCH_TOKENS
+    assert auto_micro_batches(True, "cuda:0", 2, big) == 2
+    assert auto_micro_batches(True, "cuda", big, big - 1) == 1  # too few tokens to pay for a second exchange
+    assert auto_micro_batches(True, "cuda", 1, 4 * big) == 1  # one sequence is never cut
+    assert auto_micro_batches(False, "cuda", 8, 4 * big) == 1  # in-process experts: nothing to overlap
+    assert auto_micro_batches(True, "cpu", 8, 4 * big) == 1  # attention and experts share the cores (measured)
     remote = Llama4Model(model.cfg, model.w, Pipelined(model.moe), model.dtype, model.device)
-    _, used = run(remote, requests(ps))
-    assert set(used) == {2}
-    _, fewer = run(remote, requests(ps[1:]))
-    assert fewer[0] == 2 and set(fewer[1:]) == {1}  # the prefill step splits, decode steps are too small
-    _, alone = run(remote, requests(ps[:1]))
-    assert set(alone) == {1}
+    _, used = run(remote, requests(prompts([40, 40, 40])))
+    assert set(used) == {1}
 
 
 def test_a_failing_sequence_in_a_split_step_fails_alone(model):
