@@ -11,10 +11,14 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import statistics
 import time
 
-import torch
+# Before torch loads: the monolithic model in this process must not spin its OpenMP threads while
+# the cluster's processes compute (herd up sets the same for its children).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 from bench.common import print_table
 from herd.client import Client

@@ -160,6 +160,9 @@ class Cluster:
         # Several torch processes share the cores: OpenMP threads that spin after each op steal
         # them from each other (measured: cluster decode at batch 8 went from 0.6x to 0.87x).
         os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+        # Ray runs its workers at nice 15; the expert workers are on every step's critical path, so they
+        # must not yield the cores to the attention service and the router (one machine shares them).
+        os.environ.setdefault("RAY_worker_niceness", "0")
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         import ray
 

@@ -36,6 +36,8 @@ def test_contiguous_shards_are_ranges():
     ("worker_resources: {expert_slot: 1.5}", "worker_resources={'expert_slot': 1.5}"),
     ("worker_resources: {expert_slot: yes}", "worker_resources={'expert_slot': True}"),
     ("worker_resources: [expert_slot]", "worker_resources=['expert_slot']"),
+    ("batching: {micro_batches: 0}", "batching.micro_batches=0"),
+    ("batching: {micro_batches: many}", "batching.micro_batches='many'"),
     ("- a list", "mapping"),
 ])
 def test_bad_config_names_field_and_value(tmp_path, yaml_text, needle):
