@@ -12,7 +12,7 @@ from pathlib import Path
 
 import yaml
 
-from llama4.config import ModelConfig
+from llama4.config import MAX_MICRO_BATCHES, ModelConfig
 from llama4.dtypes import DTYPE_NAMES
 from llama4.errors import HerdInputError
 from llama4.errors import need as _need
@@ -119,8 +119,8 @@ class DeployConfig:
         for name in ("max_prompt_tokens", "max_new_tokens"):
             v = getattr(b, name)
             need(v is None or (isinstance(v, int) and v >= 1), f"batching.{name}", v, "null or an integer >= 1")
-        need(b.micro_batches == "auto" or (type(b.micro_batches) is int and 1 <= b.micro_batches <= 8),
-             "batching.micro_batches", b.micro_batches, '"auto" or an integer from 1 to 8')
+        need(b.micro_batches == "auto" or (type(b.micro_batches) is int and 1 <= b.micro_batches <= MAX_MICRO_BATCHES),
+             "batching.micro_batches", b.micro_batches, f'"auto" or an integer from 1 to {MAX_MICRO_BATCHES}')
 
     @classmethod
     def load(cls, path: str | Path | None, **overrides) -> DeployConfig:

@@ -14,6 +14,8 @@ from pathlib import Path
 from llama4.errors import HerdInputError
 from llama4.errors import need as _need
 
+MAX_MICRO_BATCHES = 8  # batching.micro_batches: the most micro-batches one step is cut into
+
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 _LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 

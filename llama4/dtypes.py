@@ -6,11 +6,14 @@ imported only when a name is turned into a dtype, so a process that only reads c
 """
 from __future__ import annotations
 
+import functools
+
 from llama4.errors import need
 
 DTYPE_NAMES = ("bfloat16", "float16", "float32")  # sorted: KV entries store the index
 
 
+@functools.cache  # on every wire message: a dict lookup after the first call
 def torch_dtype(name: str, field: str = "dtype"):
     """The torch dtype for a name, or HerdInputError naming the field."""
     need(name in DTYPE_NAMES, field, name, ", ".join(DTYPE_NAMES))
@@ -19,6 +22,7 @@ def torch_dtype(name: str, field: str = "dtype"):
     return getattr(torch, name)
 
 
+@functools.cache
 def dtype_name(dtype) -> str | None:
     """The table's name for a torch dtype, or None if it is not a compute dtype."""
     name = str(dtype).removeprefix("torch.")

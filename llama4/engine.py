@@ -17,7 +17,7 @@ from typing import NamedTuple, Protocol
 
 import torch
 
-from llama4.config import LayerKind
+from llama4.config import MAX_MICRO_BATCHES, LayerKind
 from llama4.errors import HerdInputError, need
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull
 from llama4.model import Llama4Model, MicroBatch
@@ -29,7 +29,6 @@ from llama4.sequence import Request, Sequence
 __all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier", "EntryKey", "TierStats"]
 
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
-MAX_MICRO_BATCHES = 8
 # micro_batches="auto": a step of at least this many tokens (over 2+ sequences) is cut in two when the
 # experts are remote and attention runs on an accelerator. On a CPU the split never paid in bench_cluster
 # (batch 1 to 64 and prefill 4 x 512: 2 micro-batches ran at 0.75-0.93x of 1): attention and the experts

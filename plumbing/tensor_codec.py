@@ -10,13 +10,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from llama4.dtypes import DTYPE_NAMES
+from llama4.dtypes import DTYPE_NAMES, dtype_name, torch_dtype
 
 MAX_ROWS = 1 << 16  # rows in one tensor message (tokens of one MoE exchange)
 ROW_OVERHEAD_BYTES = 16  # protobuf bytes per row beside the tensor: its expert id and worker (varints)
 MESSAGE_OVERHEAD_BYTES = 1024  # headers, dtype, shape and field tags of one message
-_DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}  # wire name -> torch dtype
-_NAMES = {dtype: name for name, dtype in _DTYPES.items()}
 
 
 def rows_per_message(cols: int, dtype: torch.dtype, max_message_bytes: int) -> int:
@@ -31,7 +29,7 @@ class WireError(ValueError):
 
 def write_tensor(msg, t: torch.Tensor):
     """Set a herd.v1.Tensor message from a tensor; returns the message."""
-    name = _NAMES.get(t.dtype)
+    name = dtype_name(t.dtype)
     if name is None:
         raise WireError(f"dtype {t.dtype} cannot travel on the wire; allowed: {list(DTYPE_NAMES)}")
     if t.device.type != "cpu":
@@ -53,10 +51,10 @@ def read_tensor(msg, *, dtype: torch.dtype, cols: int, max_rows: int, what: str 
                             or not out.is_contiguous() or out.device.type != "cpu"):
         raise ValueError(f"out must be a contiguous CPU [rows, {cols}] {dtype} tensor, "
                          f"not {out.dtype} {list(out.shape)} on {out.device}")
-    if msg.dtype not in _DTYPES:
+    if msg.dtype not in DTYPE_NAMES:
         raise WireError(f"{what}.dtype={msg.dtype!r} is not allowed; allowed: {list(DTYPE_NAMES)}")
-    if _DTYPES[msg.dtype] != dtype:
-        raise WireError(f"{what}.dtype={msg.dtype!r} does not match the model's compute dtype {_NAMES.get(dtype)!r}")
+    if torch_dtype(msg.dtype) != dtype:
+        raise WireError(f"{what}.dtype={msg.dtype!r} does not match the model's compute dtype {dtype_name(dtype)!r}")
     if out is not None:
         max_rows, exact = out.shape[0], True
     shape = list(msg.shape)

@@ -115,10 +115,6 @@ class Placement:
     def all_experts_live(self) -> bool:
         return all(any(self.workers[w].healthy for w in self.replicas.get(e, [])) for e in range(self.num_experts))
 
-    def assign(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """The worker for each row: one usable replica per expert (spread by expert id), -1 if none."""
-        return self.choice()[0][expert_ids]
-
     def choice(self) -> tuple[torch.Tensor, bool]:
         """The worker for each expert [E] (one usable replica, spread by expert id; -1 if none) and
         whether every expert has one. While every worker is healthy the table is built once per
