@@ -82,7 +82,7 @@ def _worker_main(model_path: str, redis_url: str, conn, profile: bool) -> None:
     samples, prof = {"run": [], "compute": []}, _Profile(profile)
     worker_server.grouped_expert_ffn = _timed(worker_server.grouped_expert_ffn, samples["compute"])
     server, port, servicer = worker_server.serve(model_path, list(range(NUM_EXPERTS_HELD)), torch.float32, "cpu")
-    servicer.RunExperts = _timed(servicer.RunExperts, samples["run"], prof)
+    servicer.run = _timed(servicer.run, samples["run"], prof)
     WorkerRegistry(redis_url).publish(0, {"address": f"127.0.0.1:{port}", "experts": list(range(NUM_EXPERTS_HELD)),
                                           "fingerprint": servicer.fingerprint})
     conn.send("ready")
@@ -107,7 +107,7 @@ def _router_main(model_path: str, redis_url: str, conn, profile: bool) -> None:
     Duplex.receive = _timed(Duplex.receive, samples["wait"])  # the router's wait for its worker
     servicer = RouterServicer(Checkpoint(model_path), torch.float32, WorkerRegistry(redis_url))
     servicer.placement.refresh()
-    servicer.Route = _timed(servicer.Route, samples["route"], prof)
+    servicer.route = _timed(servicer.route, samples["route"], prof)
     server, port, _ = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
                                    ["herd.v1.Router"])
     conn.send(port)

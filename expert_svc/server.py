@@ -20,7 +20,8 @@ from kernels import grouped_expert_ffn
 from llama4.checkpoint import Checkpoint
 from llama4.quant import serving_fingerprint
 from llama4.weights import expert_bytes, load_experts
-from plumbing.grpc_server import MAX_MESSAGE_BYTES, start_server
+from plumbing.duplex import serve_each
+from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure, start_server
 from plumbing.tensor_codec import MAX_ROWS, WireError, all_finite, read_tensor, write_tensor
 
 
@@ -46,10 +47,18 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
 
     def RunExpertsStream(self, request_iterator, context):
-        for request in request_iterator:
-            yield self.RunExperts(request, context)
+        # The router's one stream carries every concurrent Route: a failed request is answered
+        # with its failure, never by ending the stream under the others.
+        return serve_each(request_iterator, lambda request: self.run(request), expert_pb2.RunExpertsResponse)
 
     def RunExperts(self, request, context):
+        try:
+            return self.run(request)
+        except RpcFailure as exc:
+            context.abort(exc.code(), exc.details())
+
+    def run(self, request) -> expert_pb2.RunExpertsResponse:
+        """One exchange: the experts' output for the request's rows; RpcFailure(INVALID_ARGUMENT) for bad input."""
         try:
             if request.layer not in self.weights:
                 raise WireError(f"layer={request.layer} is not a MoE layer; allowed: {sorted(self.weights)}")
@@ -64,7 +73,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
             if (local < 0).any():
                 raise WireError(f"expert {int(ids[local < 0][0])} is not held by this worker; it holds {self.experts}")
         except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
         in_order = bool((local[1:] >= local[:-1]).all())  # the router sends rows grouped by expert
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
@@ -73,9 +82,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
                                    sorted_by_expert=in_order)
             self.compute_seconds += time.perf_counter() - start
         if not all_finite(y):  # finite inputs can still overflow: the caller's fault, this call only
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                          f"expert output overflowed for layer {request.layer}: inputs out of range "
-                          f"(max |x| = {x.abs().max().item():.3g})")
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT,
+                             f"expert output overflowed for layer {request.layer}: inputs out of range "
+                             f"(max |x| = {x.abs().max().item():.3g})")
         self.rows_served += n
         self.calls += 1
         resp = expert_pb2.RunExpertsResponse()

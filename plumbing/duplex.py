@@ -1,15 +1,50 @@
-"""A long-lived bidirectional gRPC stream used as a series of request/response exchanges."""
+"""A long-lived bidirectional gRPC stream used as a series of request/response exchanges.
+
+Several callers share one stream (the router's stream to a worker carries every concurrent
+Route), so one request's failure must not end the stream: the server answers it with a
+`failure` (herd.v1.Failure) in its response, which fails that exchange alone (serve_each).
+"""
 from __future__ import annotations
 
 import collections
+import logging
 import queue
 import threading
 
 import grpc
 
+from herdpb import tensor_pb2
 from plumbing.grpc_server import RpcFailure
 
 _CLOSE = object()
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+log = logging.getLogger("herd.duplex")
+
+
+def serve_each(request_iterator, run, response_type):
+    """The server side of a Duplex: run(request) answers each request in order. A request whose
+    run raises gets an answer carrying its failure (grpc.RpcError: its code; anything else:
+    INTERNAL) and the stream goes on for the others sharing it."""
+    for request in request_iterator:
+        try:
+            resp = run(request)
+        except grpc.RpcError as exc:
+            resp = response_type(failure=tensor_pb2.Failure(code=exc.code().value[0], details=exc.details()))
+        except Exception as exc:  # a bug hit by one request fails that request, not its stream
+            log.exception("a streamed request failed")
+            resp = response_type(failure=tensor_pb2.Failure(code=grpc.StatusCode.INTERNAL.value[0],
+                                                            details=f"{type(exc).__name__}: {exc}"))
+        yield resp
+
+
+def failure_of(resp) -> RpcFailure | None:
+    """The failure a streamed answer carries, if any."""
+    if not resp.HasField("failure"):
+        return None
+    code = _CODES.get(resp.failure.code, grpc.StatusCode.UNKNOWN)
+    if code is grpc.StatusCode.OK:  # a failure must fail: never let a peer's OK stand for an answer
+        code = grpc.StatusCode.UNKNOWN
+    return RpcFailure(code, resp.failure.details)
 
 
 class Exchange:
@@ -24,14 +59,19 @@ class Exchange:
         self._call: _Call | None = None  # the stream it went out on
 
     def _answer(self, resp) -> bool:
+        """Record one answer; True once all `count` have come (a failed one fails the exchange,
+        but its later answers are still counted, so the next exchange pairs with its own)."""
+        failure = failure_of(resp)
+        if failure is not None and self._error is None:
+            self._error = failure
         self._answers.append(resp)
         if len(self._answers) == self.count:
             self._done.set()
-        return self._done.is_set()
+        return len(self._answers) == self.count
 
     def _fail(self, exc: Exception) -> None:
         if not self._done.is_set():
-            self._error = exc
+            self._error = self._error or exc
             self._done.set()
 
     def result(self, timeout: float) -> list:
@@ -81,9 +121,10 @@ class Duplex:
 
     A Python unary call costs ~1-2 ms of thread hand-offs per hop on a small machine; a
     message on an open stream costs a fraction of that. The server answers every message with
-    one message, in order, so several exchanges may be in flight at once (pipelined): each
-    answer goes to the oldest exchange still waiting. A broken stream fails every exchange in
-    flight on it and is reopened on the next send.
+    one message, in order (serve_each), so several exchanges may be in flight at once
+    (pipelined): each answer goes to the oldest exchange still waiting. An answer carrying a
+    failure fails its exchange only; a broken stream fails every exchange in flight on it and is
+    reopened on the next send.
     """
 
     def __init__(self, method):

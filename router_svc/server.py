@@ -21,6 +21,7 @@ from kernels import route_top1
 from llama4.checkpoint import Checkpoint
 from llama4.quant import serving_fingerprint
 from llama4.weights import load_gates
+from plumbing.duplex import serve_each
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure, start_server
 from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
@@ -45,17 +46,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self._rpc_children: dict[int, object] = {}  # worker -> its herd:worker_rpc_seconds series
 
     def RouteStream(self, request_iterator, context):
-        for request in request_iterator:
-            yield self.Route(request, context, self.worker_timeout)
+        # A failed request is answered with its failure; the stream goes on (plumbing.duplex).
+        return serve_each(request_iterator, lambda request: self.route(request, self.worker_timeout),
+                          router_pb2.RouteResponse)
 
-    def Route(self, request, context, timeout: float | None = None):
+    def Route(self, request, context):
+        try:
+            return self.route(request, context.time_remaining() or self.worker_timeout)
+        except grpc.RpcError as exc:
+            context.abort(exc.code(), exc.details())
+
+    def route(self, request, timeout: float) -> router_pb2.RouteResponse:
+        """One exchange within `timeout` seconds; raises grpc.RpcError (INVALID_ARGUMENT for bad input)."""
         try:
             if request.layer not in self.gates:
                 raise WireError(f"layer={request.layer} is not a MoE layer; allowed: {sorted(self.gates)}")
             x = read_tensor(request.x, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=MAX_ROWS)
         except WireError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        deadline = time.monotonic() + (timeout or context.time_remaining() or self.worker_timeout)
+            raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        deadline = time.monotonic() + timeout
         with torch.inference_mode():
             expert_ids, scaled = route_top1(x, self.gates[request.layer])
         self.tokens_per_expert[request.layer] += torch.bincount(expert_ids, minlength=self.cfg.num_local_experts)
@@ -63,7 +72,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         try:
             y, served_by = self._dispatch(request.layer, scaled, expert_ids, deadline)
         except grpc.RpcError as exc:
-            context.abort(exc.code(), f"expert worker call failed: {exc.details()}")
+            raise RpcFailure(exc.code(), f"expert worker call failed: {exc.details()}") from None
         resp = router_pb2.RouteResponse(expert_ids=expert_ids.tolist(), workers=served_by.tolist())
         write_tensor(resp.y, y)
         return resp

@@ -1,30 +1,26 @@
 """The router's dispatch (real worker servers on loopback, real Redis): each worker gets one
-block of rows grouped by expert, the answers land in token order, and rows of a dead replica
-are rerouted to a live one with the same result."""
+block of rows grouped by expert, the answers land in token order, rows of a dead replica
+are rerouted to a live one with the same result, and a failed request on a shared stream
+fails alone."""
 import socket
 
+import grpc
 import pytest
 import torch
 
 from expert_svc.server import serve as serve_worker
 from herd.redis_server import RedisServer
-from herdpb import router_pb2
+from herdpb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from kernels import grouped_expert_ffn, route_top1
 from llama4.checkpoint import Checkpoint
 from llama4.weights import load_experts, load_gates
+from plumbing.duplex import Duplex, failure_of, serve_each
+from plumbing.grpc_server import channel, start_server
 from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import read_tensor, write_tensor
 from router_svc.server import RouterServicer
 
 LAYER, ROWS = 1, 48
-
-
-class _Context:
-    def abort(self, code, details):
-        raise AssertionError(f"aborted: {code} {details}")
-
-    def time_remaining(self):
-        return 10.0
 
 
 @pytest.fixture(scope="module")
@@ -35,13 +31,13 @@ def setup(reference_models):
     servers, seen, records = [], {0: [], 1: []}, {}
     for index, experts in enumerate((evens, odds)):
         server, port, servicer = serve_worker(str(path), experts, torch.float32, "cpu")
-        run = servicer.RunExperts
+        run = servicer.run
 
-        def recording(request, context, run=run, index=index):
+        def recording(request, run=run, index=index):
             seen[index].append(list(request.expert_ids))
-            return run(request, context)
+            return run(request)
 
-        servicer.RunExperts = recording
+        servicer.run = recording
         records[index] = {"address": f"127.0.0.1:{port}", "experts": experts, "fingerprint": servicer.fingerprint}
         servers.append(server)
     ckpt = Checkpoint(path)
@@ -67,7 +63,7 @@ def _router(path, redis_url, records, cluster):
 def _route(router, x):
     req = router_pb2.RouteRequest(layer=LAYER)
     write_tensor(req.x, x)
-    resp = router.Route(req, _Context(), timeout=10.0)
+    resp = router.route(req, timeout=10.0)
     return read_tensor(resp.y, dtype=torch.float32, cols=x.shape[1], max_rows=x.shape[0], exact=True), resp
 
 
@@ -107,3 +103,80 @@ def test_rows_of_a_dead_replica_are_rerouted_with_the_same_answer(setup):
     assert torch.allclose(y, want, atol=1e-6)
     assert list(resp.workers) == (ids % 2).tolist()  # never the dead one
     assert router.retries == 1 and not router.placement.workers[2].healthy
+
+
+def _expert_request(x, experts):
+    req = expert_pb2.RunExpertsRequest(layer=LAYER, expert_ids=experts)
+    write_tensor(req.x, x)
+    return req
+
+
+def test_a_failed_request_on_a_shared_worker_stream_fails_alone(setup):
+    """The router's one stream to a worker carries every concurrent Route: an overflowing or
+    malformed request pipelined between good ones fails its own exchange, and the good ones,
+    before and after it on the same open stream, get their own answers."""
+    path, redis_url, records, seen, (gate, w13, w2) = setup
+    stream = Duplex(expert_pb2_grpc.ExpertWorkerStub(channel(records[0]["address"])).RunExpertsStream)
+    h = gate.shape[1]
+    good = [torch.randn(3, h, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    experts = [0, 2, 2]
+    want = [grouped_expert_ffn(x, torch.tensor(experts), w13, w2) for x in good]
+    try:
+        first = stream.send_all([_expert_request(good[0], experts)])
+        overflow = stream.send_all([_expert_request(torch.full((3, h), 1e30), experts)])
+        second = stream.send_all([_expert_request(good[1], experts)])
+        # A multi-message exchange whose middle message names an expert this worker lacks.
+        mixed = stream.send_all([_expert_request(good[0], experts), _expert_request(good[1], [1, 1, 1]),
+                                 _expert_request(good[2], experts)])
+        third = stream.send_all([_expert_request(good[2], experts)])
+        opened = stream._call
+        for ex, x in ((first, 0), (second, 1), (third, 2)):
+            y = read_tensor(ex.result(10)[0].y, dtype=torch.float32, cols=h, max_rows=3, exact=True)
+            assert torch.allclose(y, want[x], atol=1e-6)
+        for ex, why in ((overflow, "overflowed"), (mixed, "expert 1 is not held")):
+            with pytest.raises(grpc.RpcError) as err:
+                ex.result(10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in err.value.details()
+        assert stream._call is opened and opened.broken is None  # the stream never broke
+    finally:
+        stream.close()
+
+
+def test_a_failed_route_on_the_shared_router_stream_fails_alone(setup):
+    path, redis_url, records, seen, (gate, w13, w2) = setup
+    router = _router(path, redis_url, records, "stream")
+    server, port, _ = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
+                                   ["herd.v1.Router"])
+    stream = Duplex(router_pb2_grpc.RouterStub(channel(f"127.0.0.1:{port}")).RouteStream)
+    x = torch.randn(5, gate.shape[1], generator=torch.Generator().manual_seed(11))
+    _, want = _local(x, gate, w13, w2)
+
+    def route(x, layer=LAYER):
+        req = router_pb2.RouteRequest(layer=layer)
+        write_tensor(req.x, x)
+        return req
+
+    try:
+        exchanges = [stream.send_all([route(x)]), stream.send_all([route(torch.full_like(x, 1e30))]),
+                     stream.send_all([route(x, layer=0)]), stream.send_all([route(x)])]
+        for ex in (exchanges[0], exchanges[3]):
+            y = read_tensor(ex.result(10)[0].y, dtype=torch.float32, cols=x.shape[1], max_rows=5, exact=True)
+            assert torch.allclose(y, want, atol=1e-6)
+        for ex, why in ((exchanges[1], "overflowed"), (exchanges[2], "not a MoE layer")):
+            with pytest.raises(grpc.RpcError) as err:
+                ex.result(10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and why in err.value.details()
+    finally:
+        stream.close()
+        server.stop(0)
+
+
+def test_an_unexpected_error_answers_internal_and_the_stream_goes_on():
+    def run(n):
+        if n == 1:
+            raise KeyError("boom")
+        return expert_pb2.RunExpertsResponse()
+
+    answers = list(serve_each(iter(range(3)), run, expert_pb2.RunExpertsResponse))
+    assert [failure_of(a) is None for a in answers] == [True, False, True]
+    assert failure_of(answers[1]).code() == grpc.StatusCode.INTERNAL and "KeyError" in failure_of(answers[1]).details()
