@@ -55,8 +55,6 @@ class Exchange:
         self._answers: list = []
         self._error: Exception | None = None
         self._done = threading.Event()
-        self._owner: Duplex | None = None
-        self._call: _Call | None = None  # the stream it went out on
 
     def _answer(self, resp) -> bool:
         """Record one answer; True once all `count` have come (a failed one fails the exchange,
@@ -75,11 +73,11 @@ class Exchange:
             self._done.set()
 
     def result(self, timeout: float) -> list:
-        """The exchange's `count` responses, in order; raises grpc.RpcError on failure or timeout
-        (a timeout breaks the stream, so no late answer can pair with a later exchange)."""
+        """The exchange's `count` responses, in order; raises grpc.RpcError on failure or timeout.
+        A timed-out exchange keeps its place on the stream: its late answers are dropped when they
+        come, so they pair with no later exchange and the stream stays open for its other callers."""
         if not self._done.wait(max(timeout, 0.0)):
             self._fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s"))
-            self._owner._break(self)
         if self._error is not None:
             raise self._error
         return self._answers
@@ -136,7 +134,6 @@ class Duplex:
     def send_all(self, requests: list) -> Exchange:
         """Start one exchange of several messages; its answers come from Exchange.result()."""
         ex = Exchange(len(requests))
-        ex._owner = self
         with self._lock:
             if self._call is None or self._call.broken is not None:
                 self._call = _Call(self._method)
@@ -146,7 +143,6 @@ class Duplex:
                     ex._fail(call.broken)
                     return ex
                 call.waiting.append(ex)
-                ex._call = call
             for request in requests:  # under the lock: one exchange's messages stay together
                 call.requests.put(request)
         return ex
@@ -161,18 +157,6 @@ class Duplex:
     def receive(self, timeout: float):
         """The answer to this thread's oldest send() not yet received; grpc.RpcError on failure or timeout."""
         return self._mine.exchanges.popleft().result(timeout)[0]
-
-    def _break(self, ex: Exchange) -> None:
-        """Close the stream `ex` went out on (if it is still the open one) and fail its exchanges."""
-        call = ex._call
-        if call is None:
-            return
-        with self._lock:
-            if self._call is call:
-                self._call = None
-        call.requests.put(_CLOSE)
-        call.rpc.cancel()
-        call.fail(RpcFailure(grpc.StatusCode.CANCELLED, "stream closed after a timeout"))
 
     def close(self) -> None:
         with self._lock:

@@ -142,6 +142,32 @@ def test_a_failed_request_on_a_shared_worker_stream_fails_alone(setup):
         stream.close()
 
 
+def test_a_timed_out_exchange_keeps_the_shared_stream_for_the_others(setup):
+    """A caller whose deadline passes first (the router takes each caller's deadline) fails
+    alone: its late answer pairs with no later exchange, and the stream stays open."""
+    path, redis_url, records, seen, (gate, w13, w2) = setup
+    stream = Duplex(expert_pb2_grpc.ExpertWorkerStub(channel(records[0]["address"])).RunExpertsStream)
+    h = gate.shape[1]
+    slow = torch.randn(2048, h, generator=torch.Generator().manual_seed(5))
+    x = torch.randn(3, h, generator=torch.Generator().manual_seed(6))
+    want = grouped_expert_ffn(x, torch.tensor([0, 2, 4]), w13, w2)
+    try:
+        hurried = stream.send_all([_expert_request(slow, [0] * 2048)])
+        patient = stream.send_all([_expert_request(x, [0, 2, 4])])
+        opened = stream._call
+        with pytest.raises(grpc.RpcError) as err:
+            hurried.result(0.0)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        y = read_tensor(patient.result(10)[0].y, dtype=torch.float32, cols=h, max_rows=3, exact=True)
+        assert torch.allclose(y, want, atol=1e-6)
+        later = stream.send_all([_expert_request(x, [0, 2, 4])])
+        assert torch.allclose(read_tensor(later.result(10)[0].y, dtype=torch.float32, cols=h, max_rows=3), want,
+                              atol=1e-6)
+        assert stream._call is opened and opened.broken is None
+    finally:
+        stream.close()
+
+
 def test_a_failed_route_on_the_shared_router_stream_fails_alone(setup):
     path, redis_url, records, seen, (gate, w13, w2) = setup
     router = _router(path, redis_url, records, "stream")
