@@ -2,15 +2,17 @@
 
 Decode tokens/s at batch 1, 8, 64; prefill of 4 x 512 tokens; RPCs per MoE layer per step;
 protobuf bytes on the wire per token per MoE layer over the minimum (hidden * itemsize each
-way on each of the two hops). With --micro-batches 1,2 one attention service per count runs
-against the same router and workers (the cluster's own has the first), each measured in turn
-within every run. Run: .venv/bin/python -m bench.bench_cluster [--runs 3] [--micro-batches 1,2]
+way on each of the two hops). "mono server" is the monolithic engine behind the same gRPC front
+end (an attention service with the experts in-process): cluster / mono server is the cost of
+disaggregation alone, cluster / monolithic also that of serving over gRPC. With
+--micro-batches 1,2 one attention service per count runs against the same router and workers
+(the cluster's own has the first), each measured in turn within every run.
+Run: .venv/bin/python -m bench.bench_cluster [--runs 3] [--micro-batches 1,2]
 """
 from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import os
 import statistics
 import time
@@ -20,7 +22,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch  # noqa: E402
 
-from bench.common import print_table
+from bench.common import attention_beside, print_table
 from herd.client import Client
 from herd.deploy import DeployConfig
 from herd.up import Cluster
@@ -102,20 +104,6 @@ def wire_ratio(cfg, tokens: int, workers_hit: int) -> float:
     return total / minimum
 
 
-def add_attention(cluster: Cluster, micro_batches: int) -> Client:
-    """Another attention service on the cluster's router (its argv and environment, no HTTP), with
-    micro_batches; the cluster stops it with the rest."""
-    argv, env, ready = cluster._specs["attention"]
-    argv = list(argv)
-    batching = json.loads(argv[argv.index("--batching") + 1])
-    argv[argv.index("--batching") + 1] = json.dumps({**batching, "micro_batches": micro_batches})
-    argv[argv.index("--port") + 1] = "0"
-    if "--http-port" in argv:
-        at = argv.index("--http-port")
-        del argv[at : at + 2]
-    return Client(cluster._spawn(f"attention-mb{micro_batches}", argv, env, ready))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -135,7 +123,10 @@ def main() -> None:
     with Cluster(dcfg, log=lambda *_: None) as cluster:
         clients = {counts[0]: Client(cluster.attention_address)}
         for k in counts[1:]:
-            clients[k] = add_attention(cluster, k)
+            clients[k] = attention_beside(cluster, f"attention-mb{k}", True, {"micro_batches": k})
+        # The monolithic engine behind the same gRPC front end (experts in-process, no router):
+        # cluster / this is what disaggregation costs, apart from serving over gRPC at all.
+        served = attention_beside(cluster, "attention-mono", False, {})
         rows, per_route = [], {}
         cases = [(f"decode batch {b}", b) for b in [int(x) for x in args.batches.split(",")]]
         if not args.no_prefill:
@@ -150,28 +141,29 @@ def main() -> None:
                 fn = lambda c, b=b: cluster_decode(c, b, cfg.vocab_size, gen)
                 chosen = auto_micro_batches(True, dcfg.device, b, b)
                 mono_fn()
-                for c in clients.values():
+                for c in (served, *clients.values()):
                     fn(c)  # warm-up
-            m, got = [], {k: [] for k in clients}
+            m, ms, got = [], [], {k: [] for k in clients}
             before = {k: c.status() for k, c in clients.items()}
             for _ in range(args.runs):  # in turn within each run: the machine's drift hits every side alike
                 m.append(mono_fn())
+                ms.append(fn(served))
                 for k, c in clients.items():
                     got[k].append(fn(c))
             after = {k: c.status() for k, c in clients.items()}
-            mono = statistics.median(m)
-            row = [name, mono]
+            mono, mono_served = statistics.median(m), statistics.median(ms)
+            row = [name, mono, mono_served]
             for k in clients:
                 med = statistics.median(got[k])
                 routes = after[k].router.routes - before[k].router.routes
                 per_route[(name, k)] = (after[k].router.worker_rpcs - before[k].router.worker_rpcs) / max(routes, 1)
-                row += [med, med / mono]
+                row += [med, med / mono, med / mono_served]
             rows.append(row + [chosen])
             print(" ".join(f"{c:.3g}" if isinstance(c, float) else str(c) for c in rows[-1]), flush=True)
         steps = {k: c.status() for k, c in clients.items()}
-    header = ["case", "monolithic"]
+    header = ["case", "monolithic", "mono server"]
     for k in clients:
-        header += [f"cluster mb={k}", f"mb={k} / mono"]
+        header += [f"cluster mb={k}", f"mb={k} / mono", f"mb={k} / server"]
     print_table(f"bench-maverick, {args.workers} expert workers, fp32, median of {args.runs} (tokens/s)",
                 header + ["auto picks"], rows)
     for k, st in steps.items():

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import json
 import statistics
 import time
 
 import torch
 
-from bench.common import print_table
+from bench.common import attention_beside, print_table
 from herd.client import Client
 from herd.deploy import DeployConfig
 from herd.up import Cluster
@@ -27,21 +26,6 @@ from llama4.config import ModelConfig
 from llama4.store import DEFAULT_MODEL, resolve_model
 
 PROMPT, MAX_TOKENS = 128, 32
-
-
-def attention_beside(cluster: Cluster, name: str, router: bool, batching: dict) -> Client:
-    """Another attention service with the cluster's argv and environment (no HTTP); without router,
-    its experts run in-process. The cluster stops it with the rest."""
-    argv, env, ready = cluster._specs["attention"]
-    argv = list(argv)
-    at = argv.index("--batching") + 1
-    argv[at] = json.dumps({**json.loads(argv[at]), **batching})
-    argv[argv.index("--port") + 1] = "0"
-    for flag in ("--http-port", "--served-model-name") + (() if router else ("--router",)):
-        if flag in argv:
-            i = argv.index(flag)
-            del argv[i : i + 2]
-    return Client(cluster._spawn(name, argv, env, ready))
 
 
 def one_stream(client: Client, ids: list[int]) -> tuple[float, float]:

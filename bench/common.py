@@ -1,10 +1,14 @@
-"""Helpers shared by the benchmarks: medians, the machine's matmul peak, table printing."""
+"""Helpers shared by the benchmarks: medians, the machine's matmul peak, table printing, and
+another attention service beside a running cluster."""
 from __future__ import annotations
 
+import json
 import statistics
 import time
 
 import torch
+
+from herd.client import Client
 
 
 def median_time(fn, runs: int = 5, warmup: int = 1) -> float:
@@ -33,3 +37,18 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(row, widths, strict=False)))
         if i == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def attention_beside(cluster, name: str, router: bool, batching: dict) -> Client:
+    """Another attention service with the cluster's argv and environment (no HTTP); without router,
+    its experts run in-process. The cluster stops it with the rest."""
+    argv, env, ready = cluster._specs["attention"]
+    argv = list(argv)
+    at = argv.index("--batching") + 1
+    argv[at] = json.dumps({**json.loads(argv[at]), **batching})
+    argv[argv.index("--port") + 1] = "0"
+    for flag in ("--http-port", "--served-model-name") + (() if router else ("--router",)):
+        if flag in argv:
+            i = argv.index(flag)
+            del argv[i : i + 2]
+    return Client(cluster._spawn(name, argv, env, ready))
