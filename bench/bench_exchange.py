@@ -6,7 +6,8 @@ OpenMP waits); this process plays the attention service on a long-lived RouteStr
 one token at a time, cycling through the MoE layers with tokens whose expert that worker holds.
 Per exchange: total (as the caller sees it), router Python (its Route minus the wait for the
 worker), worker Python (its RunExperts minus the expert FFN), compute (the expert FFN);
-transport is the rest: gRPC, protobuf and thread hand-offs on both hops.
+transport is the rest: gRPC, protobuf and thread hand-offs on both hops. Its floor is measured
+after, in the same run: the round trip of the same message to a server that only echoes it.
 Run: .venv/bin/python -m bench.bench_exchange [--exchanges 300] [--profile]
 """
 from __future__ import annotations
@@ -115,6 +116,24 @@ def _router_main(model_path: str, redis_url: str, conn, profile: bool) -> None:
     server.stop(0)
 
 
+def _echo_main(conn) -> None:
+    """A bare stream server answering each request with its own rows: the transport floor."""
+    from herdpb import expert_pb2, expert_pb2_grpc
+    from plumbing.duplex import serve_each
+    from plumbing.grpc_server import start_server
+
+    class Echo(expert_pb2_grpc.ExpertWorkerServicer):
+        def RunExpertsStream(self, request_iterator, context):
+            return serve_each(request_iterator, lambda r: expert_pb2.RunExpertsResponse(y=r.x),
+                              expert_pb2.RunExpertsResponse)
+
+    server, port, _ = start_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(Echo(), s),
+                                   ["herd.v1.ExpertWorker"])
+    conn.send(port)
+    conn.recv()
+    server.stop(0)
+
+
 def _tokens(model_path: str):
     """[(layer, x [1, H])]: tokens whose top-1 expert is one the worker holds, LAYER_CYCLE per MoE layer."""
     import torch
@@ -187,6 +206,21 @@ def main() -> None:
         r, rprof = rconn.recv()
         for conn in (wconn, rconn):
             conn.send("stop")
+        econn, echild = ctx.Pipe()
+        echo = ctx.Process(target=_echo_main, args=(echild,), daemon=True)
+        echo.start()
+        from herdpb import expert_pb2, expert_pb2_grpc
+        bare = Duplex(expert_pb2_grpc.ExpertWorkerStub(channel(f"127.0.0.1:{econn.recv()}")).RunExpertsStream)
+        floor = []
+        for i in range(50 + args.exchanges):
+            req = expert_pb2.RunExpertsRequest(layer=1, expert_ids=[0])
+            write_tensor(req.x, tokens[i % len(tokens)][1])
+            start = time.perf_counter()
+            bare.send_all([req]).result(30.0)
+            floor.append(time.perf_counter() - start)
+        floor = floor[50:]
+        bare.close()
+        econn.send("stop")
     finally:
         redis.stop()
     n = min(len(totals), len(r["route"]), len(w["run"]))
@@ -206,6 +240,8 @@ def main() -> None:
     for how, total, transport, router_py, worker_py, compute in rows:
         print(f"  {how:<8} {ms(total):>7} {ms(transport):>10} {ms(router_py):>10} {ms(worker_py):>10} {ms(compute):>8}")
     print("  transport: gRPC, protobuf and thread hand-offs on both hops (wall time less the three others)")
+    print(f"  floor: one hop on a bare stream (an echo server, same message) {ms(floor).strip()} ms, "
+          f"so {2 * statistics.median(floor) * 1e3:.3f} ms for two")
     if args.profile:
         print("\nrouter profile (tottime)\n" + rprof + "\nworker profile (tottime)\n" + wprof)
 
