@@ -49,7 +49,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
     def RunExpertsStream(self, request_iterator, context):
         # The router's one stream carries every concurrent Route: a failed request is answered
         # with its failure, never by ending the stream under the others.
-        return serve_each(request_iterator, lambda request: self.run(request), expert_pb2.RunExpertsResponse)
+        return serve_each(request_iterator, self.run, expert_pb2.RunExpertsResponse)
 
     def RunExperts(self, request, context):
         try:

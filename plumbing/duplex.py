@@ -136,9 +136,9 @@ class Duplex:
     """A long-lived bidirectional stream used as a series of request/response exchanges.
 
     A message on an open stream costs less than a Python unary call (an echo round trip on
-    loopback: ~0.45-0.55 against ~0.6-0.67 ms on a quiet 2-core machine). The server answers every message with
-    one message, in order (serve_each), so several exchanges may be in flight at once
-    (pipelined): each answer goes to the oldest exchange still waiting. An answer carrying a
+    loopback: ~0.45-0.55 against ~0.6-0.67 ms on a quiet 2-core machine). The server answers
+    every message with one message, in order (serve_each), so several exchanges may be in
+    flight at once (pipelined): each answer goes to the oldest exchange still waiting. An answer carrying a
     failure fails its exchange only; a broken (or wedged: STUCK_AFTER_S) stream fails every
     exchange in flight on it and is reopened on the next send.
     """
