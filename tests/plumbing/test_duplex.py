@@ -1,7 +1,9 @@
 """plumbing.duplex on a real gRPC stream over loopback: a server that hangs on one message
 wedges the stream (answers come in order, so every exchange behind it waits); once the hung
 exchange's caller has given up for STUCK_AFTER_S, the next send closes the wedged stream (its
-other exchanges fail UNAVAILABLE, which the router retries) and opens a new one that answers."""
+other exchanges fail UNAVAILABLE, which the router retries) and opens a new one that answers.
+A server that drops or repeats an answer breaks the stream's pairing: the exchange ids show it,
+and no caller ever gets another's answer."""
 import threading
 import time
 
@@ -13,10 +15,10 @@ from herdpb import expert_pb2, expert_pb2_grpc
 from plumbing.duplex import Duplex
 from plumbing.grpc_server import channel, start_server
 
-HANG = 7  # the layer whose messages this server hangs on (until the test ends)
+HANG, DROP, REPEAT = 7, 8, 9  # layers whose messages this server hangs on, leaves unanswered, answers twice
 
 
-class _Hanging(expert_pb2_grpc.ExpertWorkerServicer):
+class _Misbehaving(expert_pb2_grpc.ExpertWorkerServicer):
     def __init__(self):
         self.release = threading.Event()
 
@@ -24,13 +26,18 @@ class _Hanging(expert_pb2_grpc.ExpertWorkerServicer):
         for request in request_iterator:
             if request.layer == HANG:
                 self.release.wait(30)
-            yield expert_pb2.RunExpertsResponse(y=request.x)
+            if request.layer == DROP:
+                continue
+            answer = expert_pb2.RunExpertsResponse(y=request.x, exchange_id=request.exchange_id)
+            yield answer
+            if request.layer == REPEAT:
+                yield answer
 
 
 @pytest.fixture
 def stream(monkeypatch):
     monkeypatch.setattr(duplex, "STUCK_AFTER_S", 0.3)
-    servicer = _Hanging()
+    servicer = _Misbehaving()
     server, port, _ = start_server(
         lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s), ["herd.v1.ExpertWorker"])
     d = Duplex(expert_pb2_grpc.ExpertWorkerStub(channel(f"127.0.0.1:{port}")).RunExpertsStream)
@@ -78,3 +85,26 @@ def test_a_late_answer_goes_to_its_own_timed_out_exchange_not_the_next(stream):
     second = stream.send_all([_req(1, "second")])
     assert second.result(5)[0].y.dtype == "second"
     assert stream._call.broken is None
+
+
+@pytest.mark.parametrize("bad", [DROP, REPEAT])
+def test_a_lost_or_repeated_answer_fails_the_stream_not_another_caller(stream, bad):
+    """Without exchange ids the answer after a dropped one would go to the dropped exchange's
+    caller (and a repeated one to the next caller): each exchange would get another's rows."""
+    first = stream.send_all([_req(bad, "first")])
+    second = stream.send_all([_req(1, "second")])
+    broken = stream._call
+    if bad == REPEAT:  # its own answer comes first; the repeat then arrives where "second" is awaited
+        assert first.result(5)[0].y.dtype == "first"
+    else:
+        with pytest.raises(grpc.RpcError) as err:
+            first.result(5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(grpc.RpcError) as err:
+        second.result(5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "message" in err.value.details()
+    assert broken.broken is not None
+    third = stream.send_all([_req(1, "third"), _req(1, "fourth")])  # a new stream, numbered afresh
+    assert stream._call is not broken
+    assert [r.y.dtype for r in third.result(5)] == ["third", "fourth"]
+    assert [r.exchange_id for r in third.result(5)] == [1, 2]

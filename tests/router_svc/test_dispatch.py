@@ -198,11 +198,13 @@ def test_a_failed_route_on_the_shared_router_stream_fails_alone(setup):
 
 
 def test_an_unexpected_error_answers_internal_and_the_stream_goes_on():
-    def run(n):
-        if n == 1:
+    def run(request):
+        if request.layer == 1:
             raise KeyError("boom")
         return expert_pb2.RunExpertsResponse()
 
-    answers = list(serve_each(iter(range(3)), run, expert_pb2.RunExpertsResponse))
+    requests = [expert_pb2.RunExpertsRequest(layer=n, exchange_id=10 + n) for n in range(3)]
+    answers = list(serve_each(iter(requests), run, expert_pb2.RunExpertsResponse))
     assert [failure_of(a) is None for a in answers] == [True, False, True]
+    assert [a.exchange_id for a in answers] == [10, 11, 12]  # every answer, failed or not, echoes its id
     assert failure_of(answers[1]).code() == grpc.StatusCode.INTERNAL and "KeyError" in failure_of(answers[1]).details()
