@@ -5,13 +5,18 @@ stack computes the shared expert while the routed experts run remotely; result()
 the answer: the routed rows and, for each, the expert and worker that served it. A step
 larger than one gRPC message is split into several messages of whole rows, sent together.
 Several exchanges may be in flight at once (the micro-batches of one step, llama4.model):
-the router answers them in order on the one stream.
+the router answers them in order on the one stream. A refusal of the rows' values
+(INVALID_ARGUMENT: an expert output that overflowed, a non-finite row) is raised as
+RowsRefused, which the engine pins on the sequence whose rows they were; every other failure
+stays a grpc.RpcError, the cluster's, which fails the whole step.
 """
 from __future__ import annotations
 
+import grpc
 import torch
 
 from herdpb import router_pb2, router_pb2_grpc
+from llama4.engine import RowsRefused
 from llama4.moe import Route, Routed
 from plumbing.duplex import Duplex, Exchange
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, channel
@@ -24,7 +29,12 @@ class _PendingRoute:
         self._dtype, self._chunks, self._cols = dtype, chunks, cols  # chunks: rows per message
 
     def result(self) -> Routed:
-        resps = self._exchange.result(self._timeout)
+        try:
+            resps = self._exchange.result(self._timeout)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise RowsRefused(exc.details()) from exc
+            raise
         ys, experts, workers = [], [], []
         for resp, rows in zip(resps, self._chunks, strict=True):
             ys.append(read_tensor(resp.y, dtype=self._dtype, cols=self._cols, max_rows=rows, what="y", exact=True))

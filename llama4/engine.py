@@ -5,7 +5,8 @@ decode token of every running sequence and prefill chunks of new ones, within a 
 budget, runs one forward pass and samples: step() = _schedule (which sequences, how many
 tokens each), _prepare (blocks and packing), _run (the forward pass) and _postprocess
 (logprobs, KV tier saves, sampling, stops, route traces). The same engine serves the
-monolithic CLI and the attention service; only the model's MoE backend differs.
+monolithic CLI and the attention service; only the model's MoE backend differs. A step whose
+rows a backend refuses (RowsRefused) is bisected so that only the sequences it came from fail.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from llama4.sampling import sample
 from llama4.scheduler import QueueFull, Scheduler, split_batch
 from llama4.sequence import Request, Sequence
 
-__all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier", "EntryKey", "TierStats"]
+__all__ = ["Engine", "Request", "Sequence", "TokenEvent", "QueueFull", "KVTier", "EntryKey", "TierStats",
+           "RowsRefused"]
 
 MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
 # micro_batches="auto": a step of at least this many tokens (over 2+ sequences) is cut in two when the
@@ -34,6 +36,16 @@ MAX_TOP_LOGPROBS = 20  # alternatives reported per token (OpenAI's limit)
 # (batch 1 to 64 and prefill 4 x 512: 2 micro-batches ran at 0.75-0.93x of 1): attention and the experts
 # share the same cores, so there is no idle side to overlap, and every extra exchange costs CPU time.
 AUTO_MICRO_BATCH_TOKENS = 64
+# A refused step is bisected (Engine._isolate): each halving re-runs both halves, so 2 runs per halving
+# find one culprit and twice that find two. The sequences still unresolved then fail as a whole step does.
+ISOLATION_RUNS_PER_HALVING = 4
+
+
+class RowsRefused(RuntimeError):
+    """A MoE backend refused an exchange for the values of its rows (an expert output that
+    overflowed, a non-finite row): the fault of the sequences those rows came from, and
+    deterministic, so the same rows are refused again. Any other failure of a step is the
+    cluster's (unavailable, timed out, a malformed answer) and fails the whole step, retryable."""
 
 
 @dataclass
@@ -255,13 +267,49 @@ class Engine:
         work = self._prepare(batch)
         try:
             logits, scores, routes = self._run(work)
+        except RowsRefused as exc:  # some sequence's rows: find it, the others get their tokens
+            events = self._isolate(batch, exc)
         except Exception as exc:  # the step's sequences fail; every other one goes on
-            for seq, _ in batch:
-                seq.fail(f"model step failed: {exc}", retryable=True)
-            events = [TokenEvent(seq, None, None) for seq, _ in batch]
+            events = _fail_step(batch, exc)
         else:
             events = self._postprocess(work, logits, scores, routes)
         self.scheduler.reap()
+        return events
+
+    def _isolate(self, batch: list[tuple[Sequence, int]], refused: RowsRefused) -> list[TokenEvent]:
+        """The step of a refused batch, bisected: each half of a refused group runs apart (prepare,
+        run, and postprocess when it passes) until a refused group is one sequence, which fails
+        alone with its refusal. A refused attempt leaves nothing behind: its KV writes lie at the
+        positions a re-run writes again (layer by layer, before attending to them), and whatever a
+        step publishes or advances (KV tier saves, chunked blocks released, num_computed, prompt
+        logprobs, samplers) happens only in the _postprocess of a run that passed. At most
+        ISOLATION_RUNS_PER_HALVING * ceil(log2 B) re-runs; a failure of another kind on the way
+        ends the search. What is left unresolved fails as a whole step does (retryable)."""
+        events, todo = [], [(batch, refused)]  # refused groups, each with its refusal
+        budget = ISOLATION_RUNS_PER_HALVING * math.ceil(math.log2(len(batch))) if len(batch) > 1 else 0
+        stop: Exception | None = None  # a failure that is not a refusal: the cluster's, not a sequence's
+        while todo:
+            group, exc = todo.pop()
+            if len(group) == 1:
+                group[0][0].fail(f"the experts refused this sequence's rows: {exc}")
+                events.append(TokenEvent(group[0][0], None, None))
+                continue
+            mid = len(group) // 2
+            for half in (group[:mid], group[mid:]):
+                if stop is not None or budget <= 0:
+                    events += _fail_step(half, stop or exc)
+                    continue
+                budget -= 1
+                work = self._prepare(half)
+                try:
+                    result = self._run(work)
+                except RowsRefused as again:
+                    todo.append((half, again))
+                except Exception as other:
+                    stop = other
+                    events += _fail_step(half, other)
+                else:
+                    events += self._postprocess(work, *result)
         return events
 
     def _admit(self, seq: Sequence) -> None:
@@ -439,6 +487,13 @@ def auto_micro_batches(is_remote: bool, device: str, num_seqs: int, num_tokens: 
     """The micro-batch count of micro_batches="auto" for one step (see AUTO_MICRO_BATCH_TOKENS)."""
     on_accelerator = not str(device).startswith("cpu")
     return 2 if is_remote and on_accelerator and num_seqs >= 2 and num_tokens >= AUTO_MICRO_BATCH_TOKENS else 1
+
+
+def _fail_step(batch: list[tuple[Sequence, int]], exc: Exception) -> list[TokenEvent]:
+    """A step that failed for a reason of the cluster's: its sequences fail, retryable."""
+    for seq, _ in batch:
+        seq.fail(f"model step failed: {exc}", retryable=True)
+    return [TokenEvent(seq, None, None) for seq, _ in batch]
 
 
 def _trace(routes: dict[int, Route], row: int) -> list[tuple[int, int, int]]:

@@ -1,14 +1,16 @@
 """One request never hurts another, inside the engine: sampling edge values, equal labels,
-per-sequence failures, fair admission with preemption, a bounded queue, chunked scoring."""
+per-sequence failures, fair admission with preemption, a bounded queue, chunked scoring, and
+a step whose rows the experts refuse (only the sequence they came from fails)."""
 import math
 
 import pytest
 import torch
 
 from llama4.checkpoint import Checkpoint
-from llama4.engine import Engine, QueueFull, Request
+from llama4.engine import ISOLATION_RUNS_PER_HALVING, Engine, QueueFull, Request, RowsRefused, TierStats
 from llama4.errors import HerdInputError
 from llama4.model import Llama4Model
+from llama4.moe import _Deferred
 from llama4.sampling import SamplingParams, sample
 
 
@@ -133,3 +135,161 @@ def test_chunked_score_equals_one_shot_log_softmax(model):
     seq = Engine(model, max_step_tokens=64).run([Request(p, SamplingParams(max_tokens=0), prompt_logprobs=True)])[0]
     assert len(seq.prompt_logprobs) == len(p) and all(math.isfinite(x) for x in seq.prompt_logprobs[1:])
     assert torch.allclose(torch.tensor(seq.prompt_logprobs[1:]), full, atol=1e-5)
+
+
+class DictTier:
+    """An in-memory KV tier (llama4.engine.KVTier): what the engine saved, to compare."""
+
+    block_size, hash_seed = 16, b"isolation"
+
+    def __init__(self):
+        self.entries, self.stats = {}, TierStats()
+
+    def available(self):
+        return True
+
+    def count_present(self, hashes, kind):
+        present = {k.block_hash for k in self.entries if k.kind == kind}
+        return next((i for i, h in enumerate(hashes) if h not in present), len(hashes))
+
+    def get(self, keys):
+        return [self.entries.get(k) for k in keys]
+
+    def put(self, entries):
+        self.entries.update((k, t.clone()) for k, t in entries)
+        return True
+
+
+class RefusingMoE:
+    """The in-process experts, refusing (as an expert worker refuses an overflowing output) every
+    exchange that holds a row routed to `expert` of MoE layer `layer`, or every exchange at all
+    (refuse_all); `fault` is raised instead by every exchange (a failure of the cluster's).
+    Records the (layer, expert) of every row it saw."""
+
+    is_remote = False
+
+    def __init__(self, local, layer=-1, expert=-1):
+        self.local, self.layer, self.expert = local, layer, expert
+        self.refuse_all, self.fault, self.used = False, None, set()
+
+    def submit(self, layer, x):
+        pending = self.local.submit(layer, x)
+        return _Deferred(lambda: self._check(layer, pending.result()))
+
+    def _check(self, layer, routed):
+        self.used |= {(layer, e) for e in routed.route.expert_ids.tolist()}
+        if self.fault is not None:
+            raise self.fault
+        if self.refuse_all or (layer == self.layer and (routed.route.expert_ids == self.expert).any()):
+            raise RowsRefused(f"expert output overflowed in layer {layer}")
+        return routed
+
+
+def with_moe(model, moe):
+    return Llama4Model(model.cfg, model.w, moe, model.dtype, model.device, model.vision, model.image_token_id)
+
+
+def experts_used(model, request):
+    moe = RefusingMoE(model.moe)
+    Engine(with_moe(model, moe)).run([request])
+    return moe.used
+
+
+def count_runs(engine):
+    """Record the batch size of every forward pass, negative when it failed."""
+    runs, run = [], engine._run
+
+    def counted(work):
+        try:
+            out = run(work)
+        except Exception:
+            runs.append(-len(work.batch))
+            raise
+        runs.append(len(work.batch))
+        return out
+
+    engine._run = counted
+    return runs
+
+
+def greedy(prompt, n):
+    return Request(prompt, SamplingParams(max_tokens=n, ignore_eos=True))
+
+
+def test_a_refused_row_fails_only_its_sequence_and_leaves_nothing_behind(model):
+    """Beside decodes (one greedy, one seeded) and a scored prompt, a sequence whose prefill the
+    experts refuse in the last MoE layer fails alone, with the refusal; the others get exactly their
+    undisturbed tokens, log-probabilities and KV tier entries, over two micro-batches, chunked
+    attention windows and blocks crossing steps."""
+    a, b, scored = prompts([40, 36, 30], seed=21)
+    seeded = SamplingParams(max_tokens=10, temperature=0.9, seed=4, ignore_eos=True)
+    score = Request(scored, SamplingParams(max_tokens=0), prompt_logprobs=True)
+    last = model.cfg.moe_layer_list[-1]
+    innocent = experts_used(model, greedy(a, 10)) | experts_used(model, Request(b, seeded)) | \
+        experts_used(model, score)
+    for seed in range(100, 200):  # a prompt that reaches an expert of the last MoE layer none of the others use
+        (bad,) = prompts([20], seed=seed)
+        hit = sorted(e for l, e in experts_used(model, greedy(bad, 0)) if l == last and (l, e) not in innocent)
+        if hit:
+            break
+    else:
+        pytest.fail("no prompt reaches an expert the well-formed sequences never use")
+
+    def run(moe, with_culprit):
+        engine = Engine(with_moe(model, moe), micro_batches=2, kv_tier=DictTier())
+        runs = count_runs(engine)
+        seqs = [engine.add(greedy(a, 10)), engine.add(Request(b, seeded))]
+        engine.step(), engine.step()  # prefills, then a decode: their next step holds earlier KV and tier saves
+        seqs.append(engine.add(score))
+        culprit = engine.add(greedy(bad, 10)) if with_culprit else None
+        while engine.has_work:
+            engine.step()
+        assert engine.cache.num_free_blocks() == engine.cache.num_blocks
+        return engine, runs, seqs, culprit
+
+    undisturbed, _, clean, _ = run(model.moe, with_culprit=False)
+    engine, runs, seqs, culprit = run(RefusingMoE(model.moe, last, hit[0]), with_culprit=True)
+    assert culprit.finish_reason == "error" and not culprit.retryable
+    assert culprit.error == f"the experts refused this sequence's rows: expert output overflowed in layer {last}"
+    assert [s.output_ids for s in seqs] == [s.output_ids for s in clean]
+    assert [s.finish_reason for s in seqs] == ["length"] * 3
+    assert torch.allclose(torch.tensor(seqs[2].prompt_logprobs[1:]), torch.tensor(clean[2].prompt_logprobs[1:]),
+                          atol=1e-5)
+    assert runs[:3] == [2, 2, -4] and runs[3:7] == [2, -2, 1, -1]  # the refused step: 2 halvings, 4 re-runs
+    saved, reference = engine.kv_tier.entries, undisturbed.kv_tier.entries
+    assert saved.keys() == reference.keys()  # nothing of the culprit's, nothing from a refused attempt
+    assert all(torch.allclose(saved[k], reference[k], atol=1e-5) for k in saved)
+    assert engine.tokens_computed == undisturbed.tokens_computed
+
+
+def test_when_every_exchange_is_refused_the_search_is_bounded_and_the_engine_goes_on(model):
+    moe = RefusingMoE(model.moe)
+    engine = Engine(with_moe(model, moe))
+    runs = count_runs(engine)
+    ps = prompts([9, 10, 11, 12, 13, 14, 15, 16], seed=30)
+    seqs = [engine.add(greedy(p, 4)) for p in ps]
+    engine.step()
+    moe.refuse_all = True
+    engine.step()
+    reruns = runs[2:]
+    assert runs[1] == -8 and len(reruns) == ISOLATION_RUNS_PER_HALVING * 3  # the cap: 4 re-runs per halving
+    assert all(s.finish_reason == "error" for s in seqs)
+    refused = [s for s in seqs if "experts refused" in s.error]
+    assert refused and all(not s.retryable for s in refused)  # each was refused on its own
+    assert all(s.retryable and s.error.startswith("model step failed: expert output overflowed")
+               for s in seqs if s not in refused)  # unresolved within the cap
+    assert engine.cache.num_free_blocks() == engine.cache.num_blocks
+    moe.refuse_all = False
+    (p,) = prompts([12], seed=31)
+    assert engine.run([greedy(p, 6)])[0].output_ids == solo(model, p, max_tokens=6).output_ids
+
+
+def test_a_failure_of_the_cluster_fails_the_step_without_re_runs(model):
+    moe = RefusingMoE(model.moe)
+    engine = Engine(with_moe(model, moe))
+    runs = count_runs(engine)
+    seqs = [engine.add(greedy(p, 4)) for p in prompts([9, 10, 11], seed=32)]
+    moe.fault = RuntimeError("router unavailable")
+    engine.step()
+    assert runs == [-3]
+    assert all(s.retryable and s.error == "model step failed: router unavailable" for s in seqs)
