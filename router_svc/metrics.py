@@ -1,5 +1,6 @@
 """Prometheus metrics of the router: routed tokens per layer and expert, worker RPC latency,
-retries and rerouted rows. Counts the router already keeps are read when Prometheus scrapes."""
+retries, rerouted rows, hedged exchanges and workers that stopped answering. Counts the router
+already keeps are read when Prometheus scrapes."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -33,12 +34,21 @@ class _Sampled:
                                   value=self.sv.routes)
         yield CounterMetricFamily("herd:route_retries", "Route calls that re-sent rows after a worker failed.",
                                   value=self.sv.retries)
+        yield CounterMetricFamily("herd:hedged_exchanges", "RunExperts exchanges given up as overdue (their worker "
+                                  "stopped answering) whose rows went to a replica.", value=self.sv.hedges)
         rpcs = CounterMetricFamily("herd:worker_rpcs", "RunExperts exchanges per worker.", labels=["worker"])
         rows = CounterMetricFamily("herd:worker_rows", "Rows sent to each worker.", labels=["worker"])
         healthy = GaugeMetricFamily("herd:worker_healthy", "1 if the router uses the worker, else 0.",
                                     labels=["worker"])
+        overdue = GaugeMetricFamily("herd:worker_overdue", "1 while the worker has stopped answering (an "
+                                    "exchange overdue past its bound) and has not answered since, else 0.",
+                                    labels=["worker"])
+        bound = GaugeMetricFamily("herd:worker_overdue_bound_seconds", "How long an exchange with the worker may "
+                                  "go unanswered before it is overdue (from its recent latency).", labels=["worker"])
         for w in list(self.sv.placement.workers.values()):
             rpcs.add_metric([str(w.index)], w.rpcs)
             rows.add_metric([str(w.index)], w.rows)
             healthy.add_metric([str(w.index)], 1 if w.healthy else 0)
-        yield from (rpcs, rows, healthy)
+            overdue.add_metric([str(w.index)], 1 if w.overdue_since else 0)
+            bound.add_metric([str(w.index)], w.latency.bound())
+        yield from (rpcs, rows, healthy, overdue, bound)

@@ -4,7 +4,10 @@ The worker table comes from the registry (a restarted worker publishes its new a
 under its old index, and the table follows it). The table only grows or moves: a worker
 missing from the registry (Redis restarted empty, or away) keeps its last known address
 until it publishes again, so a Redis outage never empties the router. A background probe
-marks workers up or down and sets readiness; `assign` picks one usable replica per expert.
+marks workers up or down and sets readiness; `choice` picks one usable replica per expert,
+preferring workers that answer: a worker that stopped answering (its probe timed out, or an
+exchange went unanswered past its overdue bound, `Latency`) keeps its rows only where no
+replica can take them, and is taken back once it answers again.
 """
 from __future__ import annotations
 
@@ -24,7 +27,40 @@ from plumbing.registry import WorkerRegistry
 
 log = logging.getLogger("herd.router")
 RETRY_DOWN_AFTER_S = 5.0
-PROBE_EVERY_S, PROBE_TIMEOUT_S = 1.0, 1.0
+# Probes overlap (one in flight per worker), so a frozen worker delays nobody else's, and a live
+# worker answers one at least every OVERDUE_FLOOR_S / 2: its exchanges are never overdue while
+# it answers probes, however long one takes.
+PROBE_EVERY_S, PROBE_TIMEOUT_S = 0.5, 1.0
+# The overdue bound: an exchange unanswered this long past its send, or past the worker's last
+# answer if later, means the worker stopped answering. RFC 6298's retransmission timeout (smoothed
+# latency + 4 mean deviations), with a floor above a busy host's scheduling stalls and a cap
+# that routes around a frozen worker within seconds; OVERDUE_CAP_S until a first answer.
+OVERDUE_FLOOR_S, OVERDUE_CAP_S = 1.0, 3.0
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+class Latency:
+    """A worker's recent exchange latency (smoothed mean and mean deviation, RFC 6298's gains)
+    and the bound past which an unanswered exchange is overdue."""
+
+    GAIN, DEVIATION_GAIN, DEVIATIONS = 1 / 8, 1 / 4, 4
+
+    def __init__(self):
+        self.num_samples = 0
+        self.mean_s = self.deviation_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        if self.num_samples == 0:
+            self.mean_s, self.deviation_s = seconds, seconds / 2
+        else:
+            self.deviation_s += self.DEVIATION_GAIN * (abs(seconds - self.mean_s) - self.deviation_s)
+            self.mean_s += self.GAIN * (seconds - self.mean_s)
+        self.num_samples += 1
+
+    def bound(self) -> float:
+        if self.num_samples == 0:
+            return OVERDUE_CAP_S
+        return min(max(self.mean_s + self.DEVIATIONS * self.deviation_s, OVERDUE_FLOOR_S), OVERDUE_CAP_S)
 
 
 class Worker:
@@ -41,21 +77,68 @@ class Worker:
         self.node_id = self.node_ip = ""  # the Ray node it runs on, as published
         self.healthy = True
         self.down_since = 0.0
+        self.latency = Latency()
+        self.heard_at = time.monotonic()  # its last answer (exchange or probe)
+        self.overdue_since = 0.0  # when an exchange of its went overdue; 0.0: it answers
+        self.hedges = 0  # its exchanges whose rows went to a replica when they went overdue
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+        self._probing = False
 
     def usable(self) -> bool:
         # A worker marked down is tried again after a while (it may have been a blip).
         return self.healthy or time.monotonic() - self.down_since > RETRY_DOWN_AFTER_S
 
+    def answering(self) -> bool:
+        """Healthy and no exchange of its overdue: a replica to prefer."""
+        return self.healthy and not self.overdue_since
+
     def mark_down(self) -> None:
         self.healthy, self.down_since = False, time.monotonic()
 
-    def probe(self) -> bool:
+    def answered(self, seconds: float | None = None) -> None:
+        """It answered (an exchange that took `seconds`, or a probe): it is taken back if it was overdue."""
+        if seconds is not None:
+            self.latency.observe(seconds)
+        self.heard_at = time.monotonic()
+        self.healthy = True
+        if self.overdue_since:
+            log.warning("expert worker %d at %s answers again after %.1fs", self.index, self.address,
+                        self.heard_at - self.overdue_since)
+            self.overdue_since = 0.0
+
+    def overdue_in(self, sent: float, now: float) -> float:
+        """Seconds until an exchange sent at `sent` and unanswered is overdue (<= 0: it is): the
+        worker has answered nothing, neither it nor a probe, for its overdue bound."""
+        return max(sent, self.heard_at) + self.latency.bound() - now
+
+    def mark_overdue(self) -> None:
+        if not self.overdue_since:
+            self.overdue_since = time.monotonic()
+            log.warning("expert worker %d at %s stopped answering (an exchange is overdue past %.1fs)",
+                        self.index, self.address, self.latency.bound())
+
+    def probe(self) -> None:
+        """Start a health check unless one is in flight; its answer (or timeout) updates the worker."""
+        if self._probing:
+            return
+        self._probing = True
         try:
-            resp = health_pb2_grpc.HealthStub(self.channel).Check(health_pb2.HealthCheckRequest(),
-                                                                  timeout=PROBE_TIMEOUT_S)
-            return resp.status == health_pb2.HealthCheckResponse.SERVING
-        except grpc.RpcError:
-            return False
+            self._health.Check.future(health_pb2.HealthCheckRequest(),
+                                      timeout=PROBE_TIMEOUT_S).add_done_callback(self._probed)
+        except Exception:  # a closed channel: nothing to probe
+            self._probing = False
+
+    def _probed(self, future) -> None:
+        self._probing = False
+        try:
+            serving = future.result().status == _SERVING
+        except (grpc.RpcError, grpc.FutureCancelledError):
+            serving = False
+        if serving:
+            self.answered()
+        elif self.healthy:
+            log.warning("expert worker %d at %s fails its health check", self.index, self.address)
+            self.mark_down()
 
     def close(self) -> None:
         self.stream.close()
@@ -116,17 +199,18 @@ class Placement:
         return all(any(self.workers[w].healthy for w in self.replicas.get(e, [])) for e in range(self.num_experts))
 
     def choice(self) -> tuple[torch.Tensor, bool]:
-        """The worker for each expert [E] (one usable replica, spread by expert id; -1 if none) and
-        whether every expert has one. While every worker is healthy the table is built once per
-        registry change, not per Route."""
-        all_healthy = all(w.healthy for w in list(self.workers.values()))
+        """The worker for each expert [E] (one usable replica, spread by expert id, one that answers
+        if any does; -1 if none) and whether every expert has one. While every worker answers the
+        table is built once per registry change, not per Route."""
+        all_healthy = all(w.answering() for w in list(self.workers.values()))
         cached = self._choice
         if all_healthy and cached is not None and cached[0] is self.replicas:
             return cached[1], cached[2]
         replicas = self.replicas
         table = [-1] * self.num_experts
         for e, holders in replicas.items():
-            usable = [w for w in holders if self.workers[w].usable()]
+            usable = [w for w in holders if self.workers[w].answering()] or \
+                [w for w in holders if self.workers[w].usable()]
             if usable and 0 <= e < self.num_experts:
                 table[e] = usable[e % len(usable)]
         choice = torch.tensor(table, dtype=torch.long)
@@ -145,11 +229,7 @@ class Placement:
             while True:
                 self.refresh()
                 for worker in list(self.workers.values()):
-                    if worker.probe():
-                        worker.healthy = True
-                    elif worker.healthy:
-                        log.warning("expert worker %d at %s fails its health check", worker.index, worker.address)
-                        worker.mark_down()
+                    worker.probe()
                 serving = health_pb2.HealthCheckResponse.SERVING
                 status = serving if self.all_experts_live() else health_pb2.HealthCheckResponse.NOT_SERVING
                 for name in ("", *service_names):

@@ -5,7 +5,11 @@ by the worker that holds their expert (router_svc.placement), send one concurren
 RunExperts per worker that got rows, and combine the answers back into token order. A
 worker that answers UNAVAILABLE (killed, restarting) is marked down: its rows go at once to
 another replica, or, without one, wait for the worker to publish its new address;
-RunExperts is idempotent, so retries run until the caller's deadline.
+RunExperts is idempotent, so retries run until the caller's deadline. A worker that stops
+answering (frozen, wedged: its exchange overdue past the bound placement keeps for it) is
+routed around the same way: the overdue exchange is given up on its stream (its late answer
+is dropped) and its rows go to replicas; without a replica for every one of its rows it is
+awaited until the deadline as before.
 """
 from __future__ import annotations
 
@@ -32,6 +36,25 @@ log = logging.getLogger("herd.router")
 RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
+def _answered_or_overdue(call, deadline: float) -> bool:
+    """Wait for one exchange until it is answered (True) or overdue (False: its worker answered
+    nothing, neither it nor a probe, for the worker's overdue bound); True at the deadline too."""
+    worker, ex, _, _, sent = call
+    while True:
+        now = time.monotonic()
+        wait_s = min(deadline - now, worker.overdue_in(sent, now))
+        if wait_s <= 0:
+            return now >= deadline or _wait(ex, 0.0)
+        if _wait(ex, wait_s):
+            return True
+
+
+def _wait(ex, timeout: float) -> bool:
+    """Wait up to `timeout` for an exchange's answer without giving it up, as Exchange.result's
+    timeout would. (Reads the exchange's private event until plumbing.duplex offers this.)"""
+    return ex._done.wait(timeout)
+
+
 class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, registry: WorkerRegistry, worker_timeout: float = 30.0,
                  max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None, expert_dtype: str = "auto"):
@@ -41,7 +64,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         self.placement = Placement(registry, self.cfg.num_local_experts, max_message_bytes, self.fingerprint, token)
         self.worker_timeout = worker_timeout
         self.tokens_per_expert = {l: torch.zeros(self.cfg.num_local_experts, dtype=torch.long) for l in self.gates}
-        self.routes = self.retries = self.worker_rpcs = 0
+        self.routes = self.retries = self.worker_rpcs = self.hedges = 0
         self.metrics = RouterMetrics(self)
         self._rpc_children: dict[int, object] = {}  # worker -> its herd:worker_rpc_seconds series
 
@@ -116,32 +139,22 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 worker = placement.workers[w]
                 req = expert_pb2.RunExpertsRequest(layer=layer, expert_ids=ids_list[start : start + count])
                 write_tensor(req.x, x_sorted[start : start + count])
-                worker.stream.send(req)
-                calls.append((worker, start, count, time.monotonic()))
+                calls.append((worker, worker.stream.send_all([req]), start, count, time.monotonic()))
                 start += count
-            failed, fatal = [], None
-            for worker, start, count, sent in calls:  # every send gets its receive (it releases the stream)
-                try:
-                    resp = worker.stream.receive(timeout=max(deadline - time.monotonic(), 0.01))
-                    self._rpc_seconds(worker.index).observe(time.monotonic() - sent)
-                except grpc.RpcError as exc:
-                    if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
-                        fatal = fatal or exc
-                        continue
-                    log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address,
-                                exc.code())
-                    worker.mark_down()
-                    failed.append((start, count))
-                    continue
-                worker.healthy = True
-                worker.rpcs += 1
-                worker.rows += count
-                self.worker_rpcs += 1
-                try:
-                    read_tensor(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=count, what="y",
-                                out=y_sorted[start : start + count])
-                except WireError as exc:  # the exchange fails; the stream and the worker stay good
-                    fatal = fatal or RpcFailure(grpc.StatusCode.INTERNAL, f"expert worker {worker.index}: {exc}")
+            failed, overdue, fatal = [], [], None
+            for call in calls:
+                if _answered_or_overdue(call, deadline):
+                    fatal = self._settle(call, deadline, y_sorted, failed) or fatal
+                else:
+                    call[0].mark_overdue()  # the control plane's view: its replicas take new rows
+                    overdue.append(call)
+            if overdue:  # hedge each onto replicas if every one of its rows has one; else wait as before
+                choice, _ = placement.choice()
+                for call in overdue:
+                    worker, _, start, count = call[:4]
+                    to = choice[ids[start : start + count]]
+                    hedge = bool(((to >= 0) & (to != worker.index)).all())
+                    fatal = self._settle(call, deadline, y_sorted, failed, hedge) or fatal
             if fatal is not None:
                 raise fatal
             if not failed:
@@ -162,6 +175,41 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             self.metrics.rerouted_rows.inc(int((~keep).sum()))
             placement.refresh()  # a restarted worker may already have published its new address
             todo = rows[~keep]
+
+    def _settle(self, call, deadline: float, y_sorted: torch.Tensor, failed: list, hedge: bool = False):
+        """Take one exchange's answer into its block of y_sorted (waiting up to the deadline; not at
+        all when its rows are to be hedged) and return the exception that fails the Route, if any.
+        Rows to send again (their worker failed UNAVAILABLE, or stopped answering) go on `failed`."""
+        worker, ex, start, count, sent = call
+        try:
+            (resp,) = ex.result(0.0 if hedge else max(deadline - time.monotonic(), 0.01))
+        except grpc.RpcError as exc:
+            if hedge and exc.code() is grpc.StatusCode.DEADLINE_EXCEEDED:
+                # Given up: its late answer is dropped when it comes, and its rows go to a replica.
+                log.warning("expert worker %d at %s: no answer in %.1fs; hedging %d rows onto replicas",
+                            worker.index, worker.address, time.monotonic() - sent, count)
+                worker.hedges += 1
+                self.hedges += 1
+                failed.append((start, count))
+                return None
+            if exc.code() not in RETRYABLE or time.monotonic() >= deadline:
+                return exc
+            log.warning("expert worker %d at %s: %s; rerouting its rows", worker.index, worker.address, exc.code())
+            worker.mark_down()
+            failed.append((start, count))
+            return None
+        seconds = time.monotonic() - sent
+        self._rpc_seconds(worker.index).observe(seconds)
+        worker.answered(seconds)
+        worker.rpcs += 1
+        worker.rows += count
+        self.worker_rpcs += 1
+        try:
+            read_tensor(resp.y, dtype=self.dtype, cols=self.cfg.hidden_size, max_rows=count, what="y",
+                        out=y_sorted[start : start + count])
+        except WireError as exc:  # the exchange fails; the stream and the worker stay good
+            return RpcFailure(grpc.StatusCode.INTERNAL, f"expert worker {worker.index}: {exc}")
+        return None
 
     def _rpc_seconds(self, worker: int):
         child = self._rpc_children.get(worker)

@@ -1,0 +1,133 @@
+"""A worker that stops answering (real worker servers on loopback, real Redis; the stand-in for a
+frozen process is a worker whose RunExperts blocks): with a replica its overdue exchange is
+hedged onto it within the overdue bound and later Routes avoid it; without one the Route waits
+and completes once the worker answers, with no error."""
+import threading
+import time
+
+import pytest
+import torch
+
+from expert_svc.server import serve as serve_worker
+from herd.redis_server import RedisServer
+from herdpb import router_pb2
+from kernels import grouped_expert_ffn, route_top1
+from llama4.checkpoint import Checkpoint
+from llama4.weights import load_experts, load_gates
+from plumbing.registry import WorkerRegistry
+from plumbing.tensor_codec import read_tensor, write_tensor
+from router_svc.placement import OVERDUE_FLOOR_S
+from router_svc.server import RouterServicer
+
+LAYER, ROWS = 1, 32
+
+
+@pytest.fixture(scope="module")
+def setup(reference_models):
+    path = reference_models["tiny-maverick"][1]
+    redis = RedisServer(policy="noeviction")
+    holds = {}  # worker -> an Event that is clear while the worker is "frozen"
+    servers, records = [], {}
+    for index, experts in enumerate((list(range(0, 128, 2)), list(range(1, 128, 2)), list(range(128)))):
+        server, port, servicer = serve_worker(str(path), experts, torch.float32, "cpu")
+        holds[index] = threading.Event()
+        holds[index].set()
+        run = servicer.run
+
+        def held(request, run=run, hold=holds[index]):
+            hold.wait(60)
+            return run(request)
+
+        servicer.run = held
+        records[index] = {"address": f"127.0.0.1:{port}", "experts": experts, "fingerprint": servicer.fingerprint}
+        servers.append(server)
+    ckpt = Checkpoint(path)
+    w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
+    gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
+    try:
+        yield path, redis.url, records, holds, (gate, w13, w2)
+    finally:
+        for hold in holds.values():
+            hold.set()
+        for server in servers:
+            server.stop(0)
+        redis.stop()
+
+
+def _router(path, redis_url, records, cluster):
+    registry = WorkerRegistry(redis_url, cluster)
+    for index, record in records.items():
+        registry.publish(index, record)
+    router = RouterServicer(Checkpoint(path), torch.float32, registry)
+    router.placement.refresh()
+    return router
+
+
+def _route(router, x, timeout=20.0):
+    req = router_pb2.RouteRequest(layer=LAYER)
+    write_tensor(req.x, x)
+    start = time.monotonic()
+    resp = router.route(req, timeout=timeout)
+    y = read_tensor(resp.y, dtype=torch.float32, cols=x.shape[1], max_rows=x.shape[0], exact=True)
+    return y, resp, time.monotonic() - start
+
+
+def _want(x, gate, w13, w2):
+    ids, scaled = route_top1(x, gate)
+    return ids, grouped_expert_ffn(scaled, ids, w13, w2)
+
+
+def _warm(router, h, n=10):
+    for s in range(n):  # recent latencies: the bound drops from its cap to its floor
+        _route(router, torch.randn(ROWS, h, generator=torch.Generator().manual_seed(100 + s)))
+
+
+def test_an_overdue_exchange_is_hedged_onto_a_replica_and_the_worker_taken_back_when_it_answers(setup):
+    path, redis_url, records, holds, (gate, w13, w2) = setup
+    router = _router(path, redis_url, records, "hedge")  # worker 2 holds every expert: a replica for both
+    h = gate.shape[1]
+    _warm(router, h)
+    frozen = router.placement.workers[0]
+    assert frozen.latency.bound() == OVERDUE_FLOOR_S
+    x = torch.randn(ROWS, h, generator=torch.Generator().manual_seed(1))
+    ids, want = _want(x, gate, w13, w2)
+    holds[0].clear()
+    try:
+        y, resp, seconds = _route(router, x)
+        assert torch.allclose(y, want, atol=1e-6)
+        assert OVERDUE_FLOOR_S <= seconds < OVERDUE_FLOOR_S + 1.5  # detected at the bound, not after the freeze
+        assert 0 not in resp.workers and router.hedges == 1 and frozen.overdue_since
+        y, resp, seconds = _route(router, x)  # the next Route goes straight to the replica
+        assert torch.allclose(y, want, atol=1e-6) and seconds < 0.5 and 0 not in resp.workers
+        assert router.hedges == 1
+    finally:
+        holds[0].set()
+    frozen.probe()  # the watch loop's probe: it answers again
+    until = time.monotonic() + 5
+    while not frozen.answering() and time.monotonic() < until:
+        time.sleep(0.05)
+    assert frozen.answering()
+    y, resp, _ = _route(router, x)
+    assert torch.allclose(y, want, atol=1e-6)
+    assert [w for w, e in zip(resp.workers, ids.tolist(), strict=True) if e % 2 == 0] == [0] * int((ids % 2 == 0).sum())
+    assert 0 in resp.workers  # it serves rows again; the late answer to the hedged exchange was dropped
+
+
+def test_without_a_replica_an_overdue_exchange_is_awaited_and_completes_when_the_worker_answers(setup):
+    path, redis_url, records, holds, (gate, w13, w2) = setup
+    router = _router(path, redis_url, {0: records[0], 1: records[1]}, "alone")
+    h = gate.shape[1]
+    _warm(router, h)
+    x = torch.randn(ROWS, h, generator=torch.Generator().manual_seed(2))
+    _, want = _want(x, gate, w13, w2)
+    holds[0].clear()
+    thaw = threading.Timer(OVERDUE_FLOOR_S + 1.5, holds[0].set)
+    thaw.start()
+    try:
+        y, resp, seconds = _route(router, x)
+    finally:
+        thaw.cancel()
+        holds[0].set()
+    assert torch.allclose(y, want, atol=1e-6)
+    assert seconds >= OVERDUE_FLOOR_S + 1.4 and router.hedges == 0 and router.retries == 0
+    assert router.placement.workers[0].answering()  # its answer took it back
