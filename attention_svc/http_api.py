@@ -9,11 +9,16 @@ Chat content parts may be images as `image_url` parts with `data:` URLs (herd fe
 herd's own parameters (pass them with the SDK's `extra_body`): `session_id`, `new_session`,
 `trace_routes` (each choice gets `routes`: per token, [layer, expert, worker] of every MoE layer),
 `top_k`, `ignore_eos`, `stop_token_ids`, `return_token_ids` (each choice gets `token_ids`).
+Every error is OpenAI's error body: a string that is not valid Unicode anywhere in a request
+is 400 naming its field, and an unexpected failure inside herd is a 500 that names nothing
+internal, logged and counted (herd:http_internal_errors).
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -50,6 +55,11 @@ MAX_CHOICES = 64  # prompts x n of one request
 MAX_STOP = 16
 MAX_BODY_BYTES = 16 * 2**20  # a request body beyond this is refused (413) before it is read whole
 MAX_TOP_LOGPROBS = {"completion": 5, "chat": 20}  # OpenAI's limits
+# JSON's \uXXXX escapes can spell a lone UTF-16 surrogate; json.loads joins every valid pair, so
+# any surrogate left in a parsed string is unpaired: no tokenizer, template or encoder takes it.
+SURROGATE = re.compile("[\ud800-\udfff]")
+ROUTES = ("/v1/models", "/v1/completions", "/v1/chat/completions", "/metrics", "/health")  # metric labels
+log = logging.getLogger("herd.http")
 
 
 class ApiError(Exception):
@@ -85,6 +95,65 @@ def _number(body, name, default, lo, hi, integer=False):
     return value
 
 
+def _invalid_unicode(body) -> ApiError | None:
+    """400 naming the first string (a value or a key) of a parsed body that holds a lone surrogate."""
+    todo = [(body, "")]
+    while todo:  # a loop, not recursion: json.loads already bounded the depth, this walk adds none
+        value, where = todo.pop()
+        if isinstance(value, str):
+            bad = SURROGATE.search(value)
+            if bad:
+                return _bad(where or None, f"{where or 'the body'} holds an unpaired surrogate "
+                                           f"(\\u{ord(bad.group()):04x}), which is not valid Unicode; "
+                                           "allowed: valid Unicode text (surrogates only in pairs)")
+        elif isinstance(value, dict):
+            for key in value:
+                bad = SURROGATE.search(key)
+                if bad:
+                    return _bad(where or None, f"a key of {where or 'the body'} holds an unpaired surrogate "
+                                               f"(\\u{ord(bad.group()):04x}), which is not valid Unicode")
+            todo.extend((v, f"{where}.{k}" if where else k) for k, v in reversed(value.items()))
+        elif isinstance(value, list):
+            todo.extend((v, f"{where}[{i}]") for i, v in reversed(list(enumerate(value))))
+    return None
+
+
+def _internal_error() -> ApiError:
+    """What a caller learns of a failure herd did not expect: that it happened, nothing of its insides."""
+    return ApiError(500, "herd failed to answer this request (an internal error, logged on the server); "
+                         "retry it, and report it if it repeats", type_="server_error")
+
+
+class _InternalErrors:
+    """ASGI middleware: an exception no handler expected becomes OpenAI's 500 body (before the
+    response started; after, the connection closes) and is logged and counted; the server goes on."""
+
+    def __init__(self, app, count):
+        self.app, self.count = app, count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception:
+            log.exception("HTTP %s %s failed", scope.get("method"), _route(scope.get("path", "")))
+            self.count(_route(scope.get("path", "")))
+            if not started:
+                await _internal_error().response()(scope, receive, send)
+
+
+def _route(path: str) -> str:
+    return path if path in ROUTES else "other"
+
+
 @dataclass
 class Call:
     """One parsed request: the prompts, how to sample each choice, and what to report."""
@@ -112,6 +181,11 @@ class OpenAIFrontend:
     def __init__(self, servicer, model_id: str):
         self.sv, self.model_id = servicer, model_id
         self.created = int(time.time())
+        self.metrics = None  # attention_svc.metrics.AttentionMetrics, where internal errors are counted
+
+    def count_internal_error(self, route: str) -> None:
+        if self.metrics is not None:
+            self.metrics.http_internal_errors.labels(route).inc()
 
     # ---- parsing ----
     def parse(self, body, kind: str) -> Call:
@@ -328,11 +402,17 @@ class _Choice:
             raise ApiError(429, str(ev), type_="rate_limit_error")
         if ev is ABORTED:
             raise ApiError(499, "request aborted", type_="server_error")
+        # A failed step's own text can name internals (an RpcError carries the router's address):
+        # it goes to the log, the caller gets what happened and what to do.
         if isinstance(ev, Exception):
-            raise ApiError(503, f"model step failed: {ev}", type_="server_error")
+            log.warning("model step failed: %s", ev)
+            raise ApiError(503, "a model step failed; retry the request", type_="server_error")
         self.seq = ev.seq
         if ev.seq.finish_reason == "error":
-            raise ApiError(503 if ev.seq.retryable else 500, ev.seq.error, type_="server_error")
+            log.warning("request failed: %s", ev.seq.error)
+            if ev.seq.retryable:
+                raise ApiError(503, "a model step failed; retry the request", type_="server_error")
+            raise _internal_error()
         text, toks, routes = "", [], []
         if ev.token is not None:
             self.tokens.append(ev.token)
@@ -413,20 +493,27 @@ def _logprobs(front: OpenAIFrontend, call: Call, toks: list, offset: int) -> dic
 def create_app(servicer, model_id: str, api_keys: list[str] | None = None, cluster_token: str | None = None,
                metrics=None) -> FastAPI:
     """The HTTP app over the servicer's engine loop. With api_keys every route but /health needs
-    `Authorization: Bearer <key>` (a key, or the cluster token)."""
-    secrets = [*(api_keys or []), *([cluster_token] if cluster_token else [])]
+    `Authorization: Bearer <secret>`: an API key for /v1/*, an API key or the cluster token for
+    /metrics (what operators and Prometheus read). The cluster token is no API key: /v1/* refuse it."""
+    keys = list(api_keys or [])
+    readers = [*keys, *([cluster_token] if cluster_token else [])]
     front = OpenAIFrontend(servicer, model_id)
+    front.metrics = metrics
     app = FastAPI(title="herd", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.middleware("http")
     async def auth(request: Request, call_next):
-        if secrets and request.url.path != "/health":
+        path = request.url.path
+        if keys and path != "/health":
             header = request.headers.get("authorization", "")
-            key = header[len("Bearer "):] if header.startswith("Bearer ") else None
-            if not matches(key, secrets):
-                return ApiError(401, "Incorrect API key provided; send Authorization: Bearer <key>",
+            given = header[len("Bearer "):] if header.startswith("Bearer ") else None
+            if not matches(given, readers if path == "/metrics" else keys):
+                what = "API key or cluster token" if path == "/metrics" else "API key"
+                return ApiError(401, f"Incorrect {what} provided; send Authorization: Bearer <{what}>",
                                 type_="invalid_request_error", code="invalid_api_key").response()
         return await call_next(request)
+
+    app.add_middleware(_InternalErrors, count=front.count_internal_error)  # last added: outermost
 
     @app.get("/health")
     async def health():
@@ -468,6 +555,11 @@ async def _handle(front: OpenAIFrontend, request: Request, kind: str):
         body = json.loads(bytes(raw) or b"null")
     except ValueError as exc:
         return _bad(None, f"the request body is not JSON: {exc}").response()
+    except RecursionError:
+        return _bad(None, "the request body nests arrays or objects too deeply").response()
+    invalid = _invalid_unicode(body)
+    if invalid is not None:
+        return invalid.response()
     try:
         call = front.parse(body, kind)
         choices, session = front.submit(call)
@@ -600,13 +692,21 @@ async def _stream(front, call, choices, session, rid):
         yield "data: [DONE]\n\n"
     except (ApiError, SessionError) as exc:  # mid-stream: OpenAI's error shape, as an event
         err = exc if isinstance(exc, ApiError) else _session_error(exc)
-        body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
-        yield f"data: {json.dumps(body)}\n\n"
+        yield _event(err)
+    except Exception:  # the status line is sent: the error can only be the stream's last event
+        log.exception("HTTP stream of %s failed", rid)
+        front.count_internal_error("/v1/chat/completions" if call.kind == "chat" else "/v1/completions")
+        yield _event(_internal_error())
     finally:  # also on client disconnect (the task is cancelled): free every sequence
         for task in pending.values():
             task.cancel()
         for c in choices:
             c.abort()
+
+
+def _event(err: ApiError) -> str:
+    body = {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
+    return f"data: {json.dumps(body)}\n\n"
 
 
 def serve_http(app: FastAPI, host: str, port: int, tls: tuple[str, str] | None = None):

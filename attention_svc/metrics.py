@@ -33,6 +33,9 @@ class AttentionMetrics:
                                  buckets=_TOKENS, registry=r)
         self.prompt_tokens = Counter("herd:prompt_tokens", "Prompt tokens of finished requests.", registry=r)
         self.generation_tokens = Counter("herd:generation_tokens", "Tokens generated.", registry=r)
+        self.http_internal_errors = Counter("herd:http_internal_errors",
+                                            "HTTP requests failed by an unexpected error in herd (a 500), by route.",
+                                            ["route"], registry=r)
         r.register(_Sampled(self))
 
     def on_event(self, live, ev) -> None:

@@ -41,6 +41,7 @@ DEFAULT_MAX_TOKENS = 256
 DEFAULT_MAX_STREAMS = 256
 MAX_LABEL_CHARS = 256  # request_id and session_id: client-chosen, so bounded before they reach logs or Redis keys
 HEALTH_THREADS = 16  # server threads beyond the stream limit: health, Status, Tokenize
+STATUS_METHOD = "/herd.v1.Llama/Status"  # the one public method the cluster token also opens (herd status)
 
 
 class LlamaServicer(llama_pb2_grpc.LlamaServicer):
@@ -50,7 +51,9 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         self.sessions = sessions
         self.cfg = loop.engine.cfg
         self.default_max_tokens = min(DEFAULT_MAX_TOKENS, loop.engine.max_new_tokens or DEFAULT_MAX_TOKENS)
-        self.operator_secrets: list[str] = []  # callers sending one of these see internal addresses in Status
+        # Who sees internal paths and addresses in Status: None = every caller (no auth), else only
+        # callers sending one of these (the cluster token; none at all when only API keys are set).
+        self.operators: list[str] | None = None
         self.streams = threading.BoundedSemaphore(DEFAULT_MAX_STREAMS)  # Generate/Score at once (serve() sets it)
         self.readiness: Readiness | None = None
         vision = loop.engine.model.vision
@@ -223,7 +226,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 out.router.CopyFrom(self.moe.router_status())
             except grpc.RpcError as exc:
                 log.warning("router status unavailable: %s", exc.code())
-        if self.operator_secrets and not matches(bearer(context.invocation_metadata()), self.operator_secrets):
+        if self.operators is not None and not matches(bearer(context.invocation_metadata()), self.operators):
             out.model = "(operators only)"  # internal paths and addresses are for the operator
             for w in out.router.workers:
                 w.address, w.refused, w.node_id, w.node_ip = "", "refused" if w.refused else "", "", ""
@@ -291,16 +294,20 @@ def build(model_path: str, router_address: str | None, dtype: torch.dtype, devic
 def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_message_bytes: int = MAX_MESSAGE_BYTES,
           max_streams: int = DEFAULT_MAX_STREAMS, api_keys: list[str] | None = None, cluster_token: str | None = None,
           tls: tuple[bytes, bytes] | None = None):
-    """Serve the public API. With api_keys, every call but health needs one of them (or the
-    cluster token, which also shows operators the internal addresses in Status). Threads:
-    max_streams for Generate/Score plus HEALTH_THREADS that health checks and Status never wait behind."""
-    secrets = [*(api_keys or []), *([cluster_token] if cluster_token else [])]
-    servicer.operator_secrets = [cluster_token] if cluster_token and api_keys else []
+    """Serve the public API. With api_keys, every call but health needs one of them; Status also
+    opens to the cluster token, and only the cluster token sees its internal paths and addresses
+    (`herd status`). The cluster token opens nothing else here: it is the services' credential,
+    not an API key. Threads: max_streams for Generate/Score plus HEALTH_THREADS that health
+    checks and Status never wait behind."""
+    api_keys = list(api_keys or [])
+    tokens = [cluster_token] if cluster_token else []
+    servicer.operators = tokens if tokens or api_keys else None
+    methods = {STATUS_METHOD: ([*api_keys, *tokens], "API key or cluster token")}
     servicer.streams = threading.BoundedSemaphore(max_streams)
     server, bound, health = start_server(lambda s: llama_pb2_grpc.add_LlamaServicer_to_server(servicer, s),
                                          ["herd.v1.Llama"], host=host, port=port,
                                          max_workers=max_streams + HEALTH_THREADS, max_message_bytes=max_message_bytes,
-                                         secrets=secrets or None, tls=tls)
+                                         secrets=api_keys or None, tls=tls, methods=methods)
     servicer.readiness = Readiness(servicer.loop, servicer.moe.channel if servicer.moe else None, health,
                                    ["herd.v1.Llama"])
     servicer.readiness.watch()

@@ -1,8 +1,10 @@
 """Who may call: API keys for the public API, a cluster token for the internal services.
 
 Callers send `authorization: Bearer <secret>` metadata. A server built with `Guard` refuses
-every call of a protected service without a matching secret with UNAUTHENTICATED; the
-standard health and reflection services stay open (Kubernetes probes carry no secret).
+every call of a protected service without a matching secret with UNAUTHENTICATED; a method
+may name other secrets that open it instead (the attention service's Status also opens to the
+cluster token); the standard health and reflection services stay open (Kubernetes probes
+carry no secret). Each credential opens only its own doors: a cluster token is no API key.
 Secrets are compared in constant time against every accepted one. They come from the
 environment or from files, never from argv, and are never logged. Every secret variable X may
 instead name a file as X_FILE (how Kubernetes mounts a Secret), read when the process starts.
@@ -75,19 +77,25 @@ def _refuse(handler, message: str):
 
 
 class Guard(grpc.ServerInterceptor):
-    """Refuses calls to every service but health and reflection without an accepted secret."""
+    """Refuses calls to every service but health and reflection without an accepted secret.
 
-    def __init__(self, accepted: list[str], what: str):
-        if not accepted:
-            raise ValueError("Guard needs at least one accepted secret")
-        self.accepted, self.what = accepted, what
+    accepted, what: the secrets that open every method, and what they are called in the refusal;
+    methods: {"/package.Service/Method": (accepted, what)} for a method that opens to others instead."""
+
+    def __init__(self, accepted: list[str], what: str, methods: dict[str, tuple[list[str], str]] | None = None):
+        if not accepted or any(not secrets for secrets, _ in (methods or {}).values()):
+            raise ValueError("Guard needs at least one accepted secret for every door")
+        self.doors = {**(methods or {}), None: (accepted, what)}
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
         service = details.method.lstrip("/").split("/", 1)[0]
-        if handler is None or service in OPEN_SERVICES or matches(bearer(details.invocation_metadata), self.accepted):
+        if handler is None or service in OPEN_SERVICES:
             return handler
-        return _refuse(handler, f"missing or wrong {self.what} (send 'authorization: Bearer <{self.what}>')")
+        accepted, what = self.doors.get(details.method, self.doors[None])
+        if matches(bearer(details.invocation_metadata), accepted):
+            return handler
+        return _refuse(handler, f"missing or wrong {what} (send 'authorization: Bearer <{what}>')")
 
 
 class _WithSecret(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,

@@ -19,14 +19,16 @@ KEEPALIVE_MS = 30000
 
 def start_server(add_servicers, service_names: list[str], host: str = "127.0.0.1", port: int = 0,
                  max_workers: int = 16, max_message_bytes: int = MAX_MESSAGE_BYTES, secrets: list[str] | None = None,
-                 what: str = "API key",
-                 tls: tuple[bytes, bytes] | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+                 what: str = "API key", tls: tuple[bytes, bytes] | None = None,
+                 methods: dict[str, tuple[list[str], str]] | None = None,
+                 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Start a server on host:port (0 = a free port) with health and reflection; returns the bound port.
-    secrets: callers must send one (plumbing.auth); tls: (certificate chain, private key) PEM."""
+    secrets: callers must send one (plumbing.auth), or for a method in `methods` one of its own
+    (methods: {"/package.Service/Method": (secrets, what)}); tls: (certificate chain, private key) PEM."""
     options = [("grpc.max_send_message_length", max_message_bytes),
                ("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.so_reuseport", 0)]
-    interceptors = [Guard(secrets, what)] if secrets else None
+    interceptors = [Guard(secrets, what, methods)] if secrets else None
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers), options=options,
                          interceptors=interceptors)
     add_servicers(server)
