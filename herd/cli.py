@@ -157,8 +157,11 @@ def cmd_score(args) -> int:
 
 def cmd_status(args) -> int:
     from herd.client import Client
+    from plumbing.auth import CLUSTER_TOKEN_ENV, env_secret
 
-    st = Client(args.target, operator=True).status()
+    # Status shows worker addresses to the cluster token only: HERD_CLUSTER_TOKEN(_FILE), else the
+    # token `herd up` keeps under the herd home, else an API key (Status without internals).
+    st = Client(args.target, secret=env_secret(CLUSTER_TOKEN_ENV), operator=True).status()
     print(f"model: {st.model}")
     print(f"steps: {st.steps}  running: {st.running}  waiting: {st.waiting}  route RPCs: {st.route_rpcs}")
     sizes = list(st.recent_batch_sizes)[-16:]

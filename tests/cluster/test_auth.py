@@ -25,7 +25,7 @@ from herd.redis_server import RedisServer
 from herdpb import expert_pb2, expert_pb2_grpc, llama_pb2, llama_pb2_grpc, router_pb2, router_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.store import write_random_checkpoint
-from plumbing.auth import API_KEY_FILE, CLUSTER_TOKEN_FILE
+from plumbing.auth import API_KEY_FILE, CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_FILE
 from plumbing.grpc_server import channel, wait_serving
 from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import write_tensor
@@ -210,7 +210,8 @@ def test_each_http_route_opens_only_to_its_credentials(cluster, verb, path, who)
 
 def test_herd_status_shows_the_workers_with_the_cluster_token_only(cluster, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HERD_HOME", str(tmp_path))
-    monkeypatch.delenv("HERD_API_KEY", raising=False)
+    for name in ("HERD_API_KEY", CLUSTER_TOKEN_ENV, CLUSTER_TOKEN_ENV + "_FILE"):
+        monkeypatch.delenv(name, raising=False)
     (tmp_path / API_KEY_FILE).write_text(KEY)
     assert cli.main(["status", "--target", cluster.attention]) == 0
     assert cluster.worker not in capsys.readouterr().out  # an API key sees no internal addresses
@@ -221,6 +222,10 @@ def test_herd_status_shows_the_workers_with_the_cluster_token_only(cluster, tmp_
     out = capsys.readouterr().out
     assert f"worker 0 {cluster.worker} SERVING" in out and f"model: {cluster.model_path}" in out
     assert TOKEN not in out and KEY not in out
+    token.unlink()  # an operator elsewhere (a Kubernetes pod) has the token in the environment instead
+    monkeypatch.setenv(CLUSTER_TOKEN_ENV, TOKEN)
+    assert cli.main(["status", "--target", cluster.attention]) == 0
+    assert f"worker 0 {cluster.worker} SERVING" in capsys.readouterr().out
 
 
 def test_tls_round_trip_with_a_generated_certificate(scout_path, tmp_path):
