@@ -57,7 +57,7 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
         self.streams = threading.BoundedSemaphore(DEFAULT_MAX_STREAMS)  # Generate/Score at once (serve() sets it)
         self.readiness: Readiness | None = None
         vision = loop.engine.model.vision
-        self.images = ImageProcessor(tile_size=vision.cfg.image_size) if vision is not None else None
+        self.images = ImageProcessor.from_checkpoint(model_name, vision.cfg) if vision is not None else None
         self.max_images = MAX_IMAGES
 
     # ---- input at the edge ----

@@ -64,7 +64,8 @@ def _chat(args, images: list[bytes]) -> list[dict]:
 
 def _local_prompt(args, tok, model, text: str | None) -> tuple[list[int], tuple]:
     """Ids (each <|image|> expanded) and images of a local run, as the attention service builds them."""
-    from llama4.images import MAX_IMAGES, with_images
+    from llama4.images import MAX_IMAGES, ImageProcessor, with_images
+    from llama4.store import resolve_model
 
     images = _images(args)
     if getattr(args, "ids", None):
@@ -73,7 +74,8 @@ def _local_prompt(args, tok, model, text: str | None) -> tuple[list[int], tuple]
         ids = tok.apply_chat(_chat(args, images))
     else:
         ids = tok.encode(text, add_bos=True)
-    return with_images(ids, [(d, "") for d in images], model.vision, tok.token_to_id, MAX_IMAGES)
+    processor = ImageProcessor.from_checkpoint(resolve_model(args.model), model.vision.cfg) if model.vision else None
+    return with_images(ids, [(d, "") for d in images], model.vision, tok.token_to_id, MAX_IMAGES, processor)
 
 
 def cmd_generate(args) -> int:

@@ -24,6 +24,7 @@ _LAYOUTS = (("model.", "lm_head."), ("language_model.model.", "language_model.lm
 FUSED, UNFUSED = "fused", "unfused"
 _FP8 = "F8_E4M3"
 _UNFUSED_MATRICES = ("gate_proj", "up_proj", "down_proj")
+PREPROCESSOR_CONFIG, PROCESSOR_CONFIG = "preprocessor_config.json", "processor_config.json"  # the image processor's
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Checkpoint:
         self.quant = QuantSpec.read(raw.get("quantization_config"))
         self.vision_config = raw.get("vision_config") if isinstance(raw.get("vision_config"), dict) else None
         self.image_token_id = raw.get("image_token_index")  # the <|patch|> id image features replace
+        self.image_processor = self._image_processor()  # read and checked at load, as the tower's config is
         if self.quant:
             self.quant.check_ignore(set(self._files))
         self.expert_layout = self._detect_expert_layout()
@@ -60,6 +62,15 @@ class Checkpoint:
         if self.stored_fp8 and not self.quant:
             raise HerdInputError("checkpoint: routed experts are stored as F8_E4M3 but config.json has no "
                                  "quantization_config saying how to read them")
+
+    def _image_processor(self):
+        """The multimodal checkpoint's llama4.images.ImageProcessor (its processor files), else None."""
+        if self.vision_config is None:
+            return None
+        from llama4.images import ImageProcessor
+        from llama4.vision import VisionConfig
+
+        return ImageProcessor.from_checkpoint(self.path, VisionConfig.from_hf_dict(self.vision_config))
 
     def fingerprint(self) -> str:
         """Identifies exactly these weights (llama4.fingerprint): config.json and every tensor byte."""
@@ -217,6 +228,32 @@ class Checkpoint:
                         want = _FP8 if self.stored_fp8 else "unquantized"
                         raise HerdInputError(f"checkpoint: tensor {self.full_name(f'{p}{e}.{m}.weight')!r} is "
                                              f"{sl.get_dtype()}; every routed expert must be stored alike ({want})")
+
+
+def read_processor_configs(path: str | Path) -> tuple[dict | None, str, dict]:
+    """(image processor settings or None without any, the file they came from, processor settings or {})
+    of a checkpoint directory. As transformers reads them: processor_config.json's "image_processor"
+    entry, when it has one, wins over preprocessor_config.json."""
+    image = _json_object(Path(path) / PREPROCESSOR_CONFIG)
+    processor = _json_object(Path(path) / PROCESSOR_CONFIG) or {}
+    nested = processor.get("image_processor")
+    if nested is None:
+        return image, PREPROCESSOR_CONFIG, processor
+    if not isinstance(nested, dict):
+        raise HerdInputError(f"{PROCESSOR_CONFIG}: image_processor={nested!r} is invalid; allowed: a JSON object")
+    return nested, f"{PROCESSOR_CONFIG} image_processor", processor
+
+
+def _json_object(file: Path) -> dict | None:
+    if not file.exists():
+        return None
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        raise HerdInputError(f"checkpoint: cannot read {file}: {exc}") from None
+    if not isinstance(raw, dict):
+        raise HerdInputError(f"checkpoint: {file} must hold a JSON object")
+    return raw
 
 
 def save_checkpoint(path: str | Path, config: ModelConfig, tensors: dict[str, torch.Tensor],

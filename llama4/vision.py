@@ -72,6 +72,13 @@ class VisionConfig:
         if cfg.image_size % cfg.patch_size or cfg.hidden_size % cfg.num_attention_heads:
             raise HerdInputError(f"config.json: vision_config: image_size={cfg.image_size} must be a multiple of "
                                  f"patch_size={cfg.patch_size} and hidden_size of num_attention_heads")
+        r, side = cfg.pixel_shuffle_ratio, cfg.patches_per_side
+        if not (0 < r <= 1 and float(side * r).is_integer() and cfg.hidden_size / r**2 == cfg.intermediate_size):
+            # pixel shuffle merges a tile's side x side patches into (side * r)^2 tokens of hidden_size / r^2
+            raise HerdInputError(f"config.json: vision_config: pixel_shuffle_ratio={r} is invalid for {side} x {side} "
+                                 f"patches per tile and hidden_size={cfg.hidden_size}; allowed: a ratio in (0, 1] "
+                                 "with image_size / patch_size * ratio whole and hidden_size / ratio^2 = "
+                                 f"intermediate_size={cfg.intermediate_size}")
         if raw.get("vision_feature_select_strategy", "default") != "default":
             raise HerdInputError("config.json: vision_config.vision_feature_select_strategy="
                                  f"{raw['vision_feature_select_strategy']!r} is not supported; allowed: 'default'")
@@ -83,7 +90,7 @@ class VisionConfig:
 
     @property
     def tokens_per_tile(self) -> int:
-        return int(self.patches_per_side**2 * self.pixel_shuffle_ratio**2)
+        return round(self.patches_per_side * self.pixel_shuffle_ratio) ** 2  # from_hf_dict checked it is whole
 
 
 def tensor_specs(cfg: VisionConfig, text_hidden: int) -> dict[str, tuple[int, ...]]:
