@@ -1,11 +1,13 @@
-"""Images through the whole cluster: the attention service decodes, tiles and encodes them; the
-router and expert workers see image tokens as tokens. Equal to the monolithic model and to transformers."""
+"""Images through the whole cluster: the attention service decodes, tiles and encodes them under the
+checkpoint's processor files; the router and expert workers see image tokens as tokens. Equal to the
+monolithic model, and to transformers (its processor's prompt and pixels, its model's log-probabilities)."""
 import concurrent.futures
 
 import grpc
 import pytest
 import torch
 from conftest import png
+from processor_cases import checkpoint_with, image_runs, pixel_digest, prompt_digest, reference
 
 from herd.client import Client
 from herdpb import llama_pb2, llama_pb2_grpc
@@ -18,18 +20,24 @@ from llama4.tokenizer import Tokenizer
 from llama4.vision import expand_images
 from plumbing.grpc_server import channel
 
-WIDE, TALL = png(90, 40, seed=1), png(30, 70, seed=2)  # 2 x 4 and 3 x 2 tiles of 28 px (least upscaling)
+WIDE, TALL = png(90, 40, seed=1), png(30, 70, seed=2)  # processor_cases.IMAGES 0 and 1
+CONFIG = "clip-max6"  # at most 6 tiles (Meta's 16 would give WIDE 2 x 4) and CLIP's mean and std
 
 
 @pytest.fixture(scope="module")
-def cluster(local_cluster, multimodal_maverick):
-    with local_cluster(model=str(multimodal_maverick[1]), workers=2, kv_tier=False) as c:
+def checkpoint(multimodal_maverick, tmp_path_factory):
+    return checkpoint_with(CONFIG, multimodal_maverick[1], tmp_path_factory.mktemp("multimodal-clip-max6"))
+
+
+@pytest.fixture(scope="module")
+def cluster(local_cluster, checkpoint):
+    with local_cluster(model=str(checkpoint), workers=2, kv_tier=False) as c:
         yield c
 
 
 @pytest.fixture(scope="module")
-def mono(multimodal_maverick):
-    return Llama4Model.load(Checkpoint(multimodal_maverick[1]))
+def mono(checkpoint):
+    return Llama4Model.load(Checkpoint(checkpoint))
 
 
 def stub(cluster):
@@ -43,14 +51,17 @@ def prompt_request(text, images):
                                                      for d in images])
 
 
-def test_image_prompt_scores_equal_monolithic_and_transformers(cluster, mono, multimodal_maverick):
-    hf, path = multimodal_maverick
+def test_image_prompt_scores_equal_monolithic_and_transformers(cluster, mono, multimodal_maverick, checkpoint):
+    hf, path = multimodal_maverick[0], checkpoint
     text = "Compare <|image|> with <|image|> please."
     got = stub(cluster).Score(prompt_request(text, [WIDE, TALL]), timeout=120)
     tok = Tokenizer.for_checkpoint(path)
-    proc = ImageProcessor(tile_size=mono.vision.cfg.image_size)
+    # transformers' Llama4Processor on these processor files: each image's tokens and pixels
+    refs = [reference(CONFIG, 0), reference(CONFIG, 1)]
+    assert [prompt_digest(run) for run in image_runs(list(got.ids), tok.token_to_id)] == [r[3] for r in refs]
+    proc = ImageProcessor.from_checkpoint(path, mono.vision.cfg)
     images = [proc(WIDE), proc(TALL)]
-    assert [img.tiles for img in images] == [(2, 4), (3, 2)]  # different layouts, each with its global tile
+    assert [(img.tiles, pixel_digest(img.pixels)) for img in images] == [(r[0], r[2]) for r in refs]
     ids = expand_images(tok.encode(text, add_bos=True), images, tok.token_to_id, mono.vision.cfg.tokens_per_tile)
     assert list(got.ids) == ids
     (seq,) = Engine(mono).run([Request(ids, SamplingParams(max_tokens=0), prompt_logprobs=True,
@@ -92,7 +103,7 @@ def test_bad_images_are_refused_and_others_are_served(cluster, images, text, mes
         assert len(other.result(timeout=120)) == 6
 
 
-def test_cli_score_and_generate_take_images(cluster, multimodal_maverick, herd_home, tmp_path):
+def test_cli_score_and_generate_take_images(cluster, checkpoint, herd_home, tmp_path):
     import json
     import os
     import subprocess
@@ -104,10 +115,10 @@ def test_cli_score_and_generate_take_images(cluster, multimodal_maverick, herd_h
                                     timeout=300)
     args = ["score", "--text", "Look: <|image|>", "--image", str(tmp_path / "wide.png"), "--json"]
     remote = run(*args, "--target", cluster.attention_address)
-    local = run(*args, "--model", str(multimodal_maverick[1]))
+    local = run(*args, "--model", str(checkpoint))
     assert remote.returncode == 0 and local.returncode == 0, remote.stderr + local.stderr
     r, m = json.loads(remote.stdout), json.loads(local.stdout)
-    assert r["ids"] == m["ids"] and r["ids"].count(200092) == 9 * 4  # 2 x 4 tiles + global, 4 patches each
+    assert r["ids"] == m["ids"] and r["ids"].count(200092) == 7 * 4  # 2 x 3 tiles + global, 4 patches each
     assert max(abs(a - b) for a, b in zip(r["logprobs"][1:], m["logprobs"][1:], strict=True)) <= 1e-5
     chat = run("generate", "--chat", "--prompt", "What is it?", "--image", str(tmp_path / "wide.png"),
                "--max-tokens", "4", "--target", cluster.attention_address)
@@ -132,7 +143,7 @@ def test_openai_chat_takes_image_url_data_urls(cluster):
     req = llama_pb2.GenerateRequest(chat=chat, sampling=llama_pb2.SamplingParams(max_tokens=6, ignore_eos=True))
     grpc_tokens = [t for msg in stub(cluster).Generate(req, timeout=120) for t in msg.token_ids]
     assert r.choices[0].model_extra["token_ids"] == grpc_tokens
-    assert r.usage.prompt_tokens > 36  # the image's 9 tiles x 4 patches are prompt tokens
+    assert r.usage.prompt_tokens > 28  # the image's 7 tiles x 4 patches are prompt tokens
     for bad_url, needle in (("https://example.com/cat.png", "data: URL"), ("data:image/png;base64,@@@", "base64")):
         bad = [{"type": "image_url", "image_url": {"url": bad_url}}]
         with pytest.raises(openai.BadRequestError) as err:

@@ -24,8 +24,8 @@ from transformers import PreTrainedTokenizerFast  # noqa: E402
 from transformers.models.llama4.image_processing_llama4 import Llama4ImageProcessor  # noqa: E402
 from transformers.models.llama4.processing_llama4 import Llama4Processor  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_images import CONFIGS, IMAGES, image_png, pixel_digest, prompt_digest, write_processor_files  # noqa: E402
+sys.path.insert(0, str(Path(__file__).parent.parent))
+from processor_cases import CONFIGS, IMAGES, image_png, pixel_digest, prompt_digest, write_processor_files  # noqa: E402
 
 SPECIALS = ["<|image_start|>", "<|image_end|>", "<|image|>", "<|patch|>", "<|tile_x_separator|>",
             "<|tile_y_separator|>"]
