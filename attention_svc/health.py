@@ -44,13 +44,15 @@ class Readiness:
 
     def watch(self) -> None:
         def loop():
+            ever_ready = False  # not ready while starting (its router waits for the workers) is no news
             while not self._draining.is_set():
                 reason = self.check()
-                if reason and reason != self.reason:
+                if ever_ready and reason and reason != self.reason:
                     log.warning("not ready: %s", reason)
-                elif self.reason and not reason:
+                elif ever_ready and self.reason and not reason:
                     log.warning("ready again")
                 self.reason = reason
+                ever_ready = ever_ready or not reason
                 for name in self.names:
                     self.health.set(name, NOT_SERVING if reason else SERVING)
                 self._draining.wait(CHECK_EVERY_S)

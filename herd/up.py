@@ -2,8 +2,8 @@
 
 Two Redis servers (private unless configured: an LRU cache for the KV tier, and a
 never-evicting one for state, the worker registry and sessions) -> a local Ray cluster bound
-to 127.0.0.1 with token auth -> one ExpertWorker actor per shard -> the router -> the
-attention service. Each is waited on until it reports SERVING. Children are supervised: one
+to 127.0.0.1 with token auth -> one ExpertWorker actor per shard, the router and the
+attention service (loading side by side). Each is waited on until it reports SERVING. Children are supervised: one
 that dies is restarted on the same port with backoff, and herd up says so; Ray restarts
 expert workers itself.
 """
@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from herd.deploy import DeployConfig, place_experts
@@ -104,43 +105,50 @@ class Cluster:
             self._start_stages(cfg, lambda: (bar.set_postfix_str(STAGES[bar.n]), bar.update()))
 
     def _start_stages(self, cfg: DeployConfig, stage) -> None:
-        """Start everything in order; stage() marks each of STAGES done."""
-        model_path = str(resolve_model(cfg.model))
-        ckpt_cfg = ModelConfig.from_dir(model_path)
-        # fail before starting anything
-        place_experts(ckpt_cfg.num_local_experts, cfg.workers, cfg.placement, cfg.replicas)
-        if cfg.redis_url:
-            redis_url = cfg.redis_url
-        else:
-            self.redis = RedisServer(cfg.host, maxmemory=cfg.redis_maxmemory)
-            redis_url = self.redis.url
-        if cfg.state_redis_url or cfg.redis_url:
-            state_url = cfg.state_redis_url or cfg.redis_url
-        else:
-            self.state_redis = RedisServer(cfg.host, maxmemory="0", policy="noeviction")
-            state_url = self.state_redis.url
-        # Hash the weights once here, before the services start: they all read the cached digests
-        # instead of each hashing every byte of the checkpoint at the same time.
-        fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
-        stage()
-        secrets_env = self._secrets()
-        # Ray's processes (the expert workers) inherit the cluster token and the registry's URL.
-        os.environ.update({**secrets_env, STATE_REDIS_URL_ENV: state_url})
-        self._start_ray()
-        stage()
-        self.actors, infos = start_expert_workers(cfg, model_path, state_url)
+        """Start everything; stage() marks each of STAGES done. What does not depend on another
+        part starts beside it: the model is built (first run only) while Ray starts, and the router
+        and the attention service load while the expert workers do (each waits for its peers)."""
+        pool = ThreadPoolExecutor(2, thread_name_prefix="herd-up")
+        try:
+            model = pool.submit(resolve_model, cfg.model)
+            if cfg.redis_url:
+                redis_url = cfg.redis_url
+            else:
+                self.redis = RedisServer(cfg.host, maxmemory=cfg.redis_maxmemory)
+                redis_url = self.redis.url
+            if cfg.state_redis_url or cfg.redis_url:
+                state_url = cfg.state_redis_url or cfg.redis_url
+            else:
+                self.state_redis = RedisServer(cfg.host, maxmemory="0", policy="noeviction")
+                state_url = self.state_redis.url
+            checked = model.done()
+            if checked:  # a checkpoint already there: check it before starting Ray
+                self._check_model(cfg, model.result())
+            secrets_env = self._secrets()
+            # Ray's processes (the expert workers) inherit the cluster token and the registry's URL.
+            os.environ.update({**secrets_env, STATE_REDIS_URL_ENV: state_url})
+            self._start_ray()
+            model_path = str(model.result())
+            if not checked:
+                self._check_model(cfg, model_path)
+            stage()
+            stage()
+            workers = pool.submit(start_expert_workers, cfg, model_path, state_url)
+            env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
+                   "PYTHONPATH": str(ROOT)}
+            self.router_address = self._spawn("router", service_argv("router", cfg, model_path), env,
+                                              "ROUTER_LISTENING")
+            self.attention_address = self._spawn("attention", service_argv("attention", cfg, model_path,
+                                                                           self.router_address), env,
+                                                 "ATTENTION_LISTENING")
+            self.actors, infos = workers.result()
+        finally:  # on failure, stop() runs next: it must not wait for a worker start still under way
+            pool.shutdown(wait=False, cancel_futures=True)
         stage()
         shards_text = ", ".join(f"{i['address']} experts {expert_span(i['experts'])}" for i in infos)
         self.log(f"expert workers: {len(infos)} ({shards_text})")
-
-        env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
-               "PYTHONPATH": str(ROOT)}
-        self.router_address = self._spawn("router", service_argv("router", cfg, model_path), env, "ROUTER_LISTENING")
         wait_serving(self.router_address, cfg.startup_timeout_s)
         stage()
-        self.attention_address = self._spawn("attention", service_argv("attention", cfg, model_path,
-                                                                       self.router_address), env,
-                                             "ATTENTION_LISTENING")
         tls_ca = Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None
         wait_serving(self.attention_address.replace("127.0.0.1", "localhost") if tls_ca else self.attention_address,
                      cfg.startup_timeout_s, tls_ca)
@@ -151,6 +159,13 @@ class Cluster:
             "router_metrics": self.router_metrics_address, "ray_dashboard": self.dashboard_url,
             "ray_token_file": str(self.ray_token_file) if self.ray_token_file else None,
             "workers": [{"index": i["index"], "address": i["address"], "metrics": i.get("metrics")} for i in infos]}))
+
+    @staticmethod
+    def _check_model(cfg: DeployConfig, model_path) -> None:
+        """The placement fits the model; its weights are hashed once, here, before the services
+        start: they all read the cached digests instead of each hashing every byte at once."""
+        place_experts(ModelConfig.from_dir(model_path).num_local_experts, cfg.workers, cfg.placement, cfg.replicas)
+        fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
 
     def _start_ray(self) -> None:
         # Local-only mode (every Ray listener on 127.0.0.1) and token auth with a fresh token.

@@ -12,6 +12,7 @@ over all experts. q/k weights in GGUF are already in the interleaved RoPE layout
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import tempfile
@@ -189,13 +190,15 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, num_experts: int = 8, m
         t[p + s + "down_proj.weight"] = down[:, shared]
         # Routed expert input is 0.5 * x (sigmoid of a ~0 logit): fold the 2 into gate and up.
         gate_up = torch.cat([2.0 * gate[routed].T, 2.0 * up[routed].T], dim=1)  # [H, 2I], [in, out]
-        t[p + "feed_forward.experts.gate_up_proj"] = gate_up[None].expand(num_experts, -1, -1).contiguous()
-        t[p + "feed_forward.experts.down_proj"] = down[:, routed].T[None].expand(num_experts, -1, -1).contiguous()
-        t[p + GATE] = torch.zeros(num_experts, hidden)
+        t[p + "feed_forward.experts.gate_up_proj"] = gate_up[None]  # one expert until calibrated
+        t[p + "feed_forward.experts.down_proj"] = down[:, routed].T[None]
+        t[p + GATE] = torch.zeros(1, hidden)
 
     files = _tokenizer_files(reader)
+    # Calibration needs the experts' inputs only, and every expert is the same: a one-expert
+    # model computes them exactly as the full one would (a zero gate routes every row to it).
     with tempfile.TemporaryDirectory() as tmp:
-        save_checkpoint(tmp, cfg, t, files)
+        save_checkpoint(tmp, dataclasses.replace(cfg, num_local_experts=1), t, files)
         model = Llama4Model.load(Checkpoint(tmp))
         ids = Tokenizer.for_checkpoint(tmp).encode(CALIBRATION_TEXT)
         recorder = _RecordingMoE(model.moe.gates, model.moe.experts)
@@ -205,6 +208,9 @@ def convert_gguf(gguf_path: str | Path, out: str | Path, num_experts: int = 8, m
         model.forward(torch.tensor(ids), cache.plan([(0, 0, len(ids))]), cache, torch.tensor([len(ids) - 1]))
         calib = {l: torch.cat(xs) for l, xs in recorder.inputs.items()}
     for l, gate_rows in _gates(calib, num_experts, seed, logit_scale).items():
+        p = f"model.layers.{l}.feed_forward.experts."
+        for name in ("gate_up_proj", "down_proj"):
+            t[p + name] = t[p + name].expand(num_experts, -1, -1).contiguous()
         t[f"model.layers.{l}.{GATE}"] = gate_rows
 
     tmp_out = Path(tempfile.mkdtemp(dir=out.parent if out.parent.exists() else None, prefix=f".{out.name}-"))
