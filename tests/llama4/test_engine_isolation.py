@@ -10,7 +10,6 @@ from llama4.checkpoint import Checkpoint
 from llama4.engine import ISOLATION_RUNS_PER_HALVING, Engine, QueueFull, Request, RowsRefused, TierStats
 from llama4.errors import HerdInputError
 from llama4.model import Llama4Model
-from llama4.moe import _Deferred
 from llama4.sampling import SamplingParams, sample
 
 
@@ -173,8 +172,7 @@ class RefusingMoE:
         self.refuse_all, self.fault, self.used = False, None, set()
 
     def submit(self, layer, x):
-        pending = self.local.submit(layer, x)
-        return _Deferred(lambda: self._check(layer, pending.result()))
+        return _Checked(self, layer, self.local.submit(layer, x))
 
     def _check(self, layer, routed):
         self.used |= {(layer, e) for e in routed.route.expert_ids.tolist()}
@@ -183,6 +181,14 @@ class RefusingMoE:
         if self.refuse_all or (layer == self.layer and (routed.route.expert_ids == self.expert).any()):
             raise RowsRefused(f"expert output overflowed in layer {layer}")
         return routed
+
+
+class _Checked:
+    def __init__(self, moe, layer, pending):
+        self.moe, self.layer, self.pending = moe, layer, pending
+
+    def result(self):
+        return self.moe._check(self.layer, self.pending.result())
 
 
 def with_moe(model, moe):
