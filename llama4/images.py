@@ -10,6 +10,7 @@ processor_config.json (`ImageProcessor.from_checkpoint`); what herd cannot honou
 """
 from __future__ import annotations
 
+import functools
 import io
 import math
 from collections import defaultdict
@@ -27,6 +28,7 @@ MAX_PIXELS = 50_000_000  # a larger image is refused before decoding (decompress
 MAX_IMAGES = 8  # per prompt (Meta tested Llama 4 with up to 8)
 MEAN = STD = (0.5, 0.5, 0.5)  # Meta's
 META_TILE = 336  # the reference's size when its file does not set one
+MAX_TILES = 256  # herd's bound on max_patches (Meta's is 16): tiles of one image, each a run of the tower
 # PIL's resampling codes, as the reference maps them onto torch's modes; BOX (4) and HAMMING (5) it cannot run.
 RESAMPLE = {0: "nearest-exact", 1: "lanczos", 2: "bilinear", 3: "bicubic"}
 PIL_NAMES = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}
@@ -77,7 +79,8 @@ class ImageProcessor:
              f"{{'height': {vision.image_size}, 'width': {vision.image_size}}} (square tiles of "
              "config.json's vision_config.image_size)", where)
         max_tiles = get("max_patches", 16)
-        need(_is_int(max_tiles) and max_tiles >= 1, "max_patches", max_tiles, "an integer >= 1", where)
+        need(_is_int(max_tiles) and 1 <= max_tiles <= MAX_TILES, "max_patches", max_tiles,
+             f"an integer from 1 to {MAX_TILES}", where)
         to_max = get("resize_to_max_canvas", False)
         need(isinstance(to_max, bool), "resize_to_max_canvas", to_max, "true or false", where)
         resample = get("resample", 2)
@@ -209,16 +212,17 @@ def _to_rgb(img):
     return img.convert("RGB")
 
 
-def supported_canvases(max_tiles: int, tile: int) -> list[tuple[int, int]]:
+@functools.cache
+def supported_canvases(max_tiles: int, tile: int) -> tuple[tuple[int, int], ...]:
     """Every (height, width) of up to max_tiles tiles, grouped by aspect ratio as the reference orders them."""
     by_ratio: dict[float, list[tuple[int, int]]] = defaultdict(list)
     for n in range(max_tiles, 0, -1):
         for f in sorted({d for i in range(1, int(n**0.5) + 1) if n % i == 0 for d in (i, n // i)}):
             by_ratio[f / (n // f)].append((f, n // f))
-    return [(h * tile, w * tile) for layouts in by_ratio.values() for h, w in layouts]
+    return tuple((h * tile, w * tile) for layouts in by_ratio.values() for h, w in layouts)
 
 
-def best_canvas(size: tuple[int, int], canvases: list[tuple[int, int]], to_max: bool) -> tuple[int, int]:
+def best_canvas(size: tuple[int, int], canvases: tuple[tuple[int, int], ...], to_max: bool) -> tuple[int, int]:
     """The canvas needing the least upscaling (or, if none fits, the least downscaling); the smallest on ties."""
     h, w = size
     scales = [min(ch / h, cw / w) for ch, cw in canvases]
