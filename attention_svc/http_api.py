@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.requests import ClientDisconnect
 
 from attention_svc.engine_loop import ABORTED
 from attention_svc.server import MAX_LABEL_CHARS
@@ -143,6 +144,8 @@ class _InternalErrors:
 
         try:
             await self.app(scope, receive, tracking)
+        except ClientDisconnect:  # the caller left while sending its body: nobody to answer, nothing wrong
+            return
         except Exception:
             log.exception("HTTP %s %s failed", scope.get("method"), _route(scope.get("path", "")))
             self.count(_route(scope.get("path", "")))

@@ -126,6 +126,32 @@ def test_unknown_model_and_missing_key_are_refused(cluster, sdk):
     assert resp.status_code == 400 and "error" in resp.json()
 
 
+def test_the_cluster_token_is_no_api_key(cluster):
+    as_service = openai.OpenAI(base_url=f"http://{cluster.http_address}/v1", api_key=cluster.cluster_token,
+                               max_retries=0)
+    with pytest.raises(openai.AuthenticationError) as err:
+        as_service.chat.completions.create(model=DEFAULT_MODEL, messages=QUESTION, max_tokens=2)
+    assert err.value.body["code"] == "invalid_api_key" and cluster.cluster_token not in str(err.value.body)
+    with pytest.raises(openai.AuthenticationError):
+        as_service.models.list()
+    assert "herd:num_requests_running" in scrape(cluster.http_address, cluster.cluster_token)  # operators read it
+
+
+@pytest.mark.parametrize("path, raw, param", [
+    ("/v1/completions", '{"model": "%s", "prompt": "a \\udcff b", "max_tokens": 2}', "prompt"),
+    ("/v1/chat/completions", '{"model": "%s", "messages": [{"role": "user", "content": "\\ud800"}]}',
+     "messages[0].content"),
+    ("/v1/chat/completions", '{"model": "\\udcff%s", "messages": []}', "model"),
+])
+def test_strings_that_are_not_unicode_are_a_400_naming_the_field(cluster, sdk, path, raw, param):
+    resp = requests.post(f"http://{cluster.http_address}{path}", data=(raw % DEFAULT_MODEL).encode(), timeout=30,
+                         headers={"Authorization": f"Bearer {cluster.api_key}", "Content-Type": "application/json"})
+    assert resp.status_code == 400, resp.text[:300]
+    err = resp.json()["error"]
+    assert err["param"] == param and "surrogate" in err["message"] and err["type"] == "invalid_request_error"
+    assert sdk.completions.create(model=DEFAULT_MODEL, prompt="Hi", max_tokens=2).choices[0].text is not None
+
+
 def test_metrics_count_the_requests_and_their_routed_tokens(cluster, sdk):
     before = scrape(cluster.http_address, cluster.api_key)
     routed_before = scrape(cluster.router_metrics_address)
@@ -232,12 +258,14 @@ def test_ray_dashboard_token_is_in_a_private_file_and_nowhere_else(cluster):
         assert token.encode() not in argv, pid
 
 
+_LONE_SURROGATE = st.builds(lambda a, s, b: a + s + b, st.text(max_size=4), st.sampled_from(["\udcff", "\ud800"]),
+                            st.text(max_size=4))  # json.dumps sends it as an escape: not valid Unicode
 _ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
-                 st.text(max_size=12), st.lists(st.integers(-5, 300000), max_size=4),
+                 st.text(max_size=12), _LONE_SURROGATE, st.lists(st.integers(-5, 300000), max_size=4),
                  st.dictionaries(st.text(max_size=5), st.integers(), max_size=2))
 _MESSAGES = st.one_of(_ANY, st.lists(st.fixed_dictionaries(
     {"role": st.sampled_from(["user", "system", "assistant", "robot", 3]),
-     "content": st.one_of(st.text(max_size=20), st.lists(st.fixed_dictionaries(
+     "content": st.one_of(st.text(max_size=20), _LONE_SURROGATE, st.lists(st.fixed_dictionaries(
          {"type": st.sampled_from(["text", "image_url"]), "text": st.text(max_size=10)}), max_size=2), _ANY)}),
     min_size=0, max_size=3))
 _PARAMS = {
