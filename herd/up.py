@@ -32,6 +32,7 @@ from plumbing.registry import STATE_REDIS_URL_ENV, WorkerRegistry, expert_span
 
 STAGES = ("model and redis", "ray", "expert workers", "router", "attention")
 CLUSTER_FILE = "cluster.json"  # under the herd home: the endpoints of the cluster herd up runs
+RAY_START_ATTEMPTS = 3
 RAY_TOKEN_FILE = "ray-auth-token"  # under the herd home: the Ray dashboard's and the ray CLI's token
 _PORT_FLAGS = {"HTTP": "--http-port", "METRICS": "--metrics-port"}  # extra listeners a service announces
 
@@ -181,8 +182,20 @@ class Cluster:
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         import ray
 
-        ctx = ray.init(namespace="herd", include_dashboard=self.cfg.dashboard, dashboard_host=self.cfg.host,
-                       logging_level="ERROR", log_to_driver=False, configure_logging=False)
+        for attempt in range(1, RAY_START_ATTEMPTS + 1):
+            try:
+                ctx = ray.init(namespace="herd", include_dashboard=self.cfg.dashboard, dashboard_host=self.cfg.host,
+                               logging_level="ERROR", log_to_driver=False, configure_logging=False)
+                break
+            except Exception as exc:  # Ray gives its raylet a fixed 30 s to register, too little on a loaded machine
+                procs = _ray_processes()
+                ray.shutdown(wait_for_processes=True)
+                _reap(procs)
+                if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS:
+                    raise RuntimeError(f"the local Ray cluster did not start ({attempt} attempts): its raylet did "
+                                       f"not register with its GCS within Ray's 30 s ({exc})") from None
+                self.log(f"herd: the local Ray's raylet did not register within 30 s; starting Ray again "
+                         f"(attempt {attempt + 1} of {RAY_START_ATTEMPTS})")
         self.ray_started = True
         self.dashboard_url = ctx.dashboard_url
         self.ray_metrics_port = ctx.address_info.get("metrics_export_port")
@@ -284,7 +297,9 @@ class Cluster:
                     ray.kill(actor, no_restart=True)
                 except Exception:
                     pass
-            ray.shutdown()
+            procs = _ray_processes()
+            ray.shutdown(wait_for_processes=True)
+            _reap(procs)  # gone, workers included, before anything else starts its own
             self.ray_started = False
         for server in (self.redis, self.state_redis):
             if server:
@@ -296,6 +311,39 @@ class Cluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def _ray_processes() -> list:
+    """The processes the local Ray started (GCS, raylet, dashboard, ...) and their children (its
+    workers, the expert workers among them), found while they run."""
+    import psutil
+    import ray._private.worker as ray_worker
+
+    node = ray_worker._global_node
+    found = []
+    for infos in (node.all_processes.values() if node is not None else ()):
+        for info in infos:
+            try:
+                proc = psutil.Process(info.process.pid)
+                found += [proc, *proc.children(recursive=True)]
+            except psutil.Error:  # already gone
+                pass
+    return found
+
+
+def _reap(procs: list, timeout_s: float = 15.0) -> None:
+    """Wait for these processes to exit; kill what is left after timeout_s."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(alive, timeout=5)
+    if alive:
+        raise RuntimeError(f"Ray processes {[p.pid for p in alive]} outlived SIGKILL")
 
 
 def start_expert_workers(cfg: DeployConfig, model_path: str, redis_url: str):

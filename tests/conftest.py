@@ -69,10 +69,36 @@ def local_cluster(herd_home):
     def start(**overrides):
         defaults = {"model": CLUSTER_MODEL, "attention_port": 0, "http_port": 0, "dashboard": False}
         cfg = DeployConfig.load(None, **{**defaults, **overrides})
-        with Cluster(cfg, log=lambda *_: None) as cluster:
-            yield cluster
+        before = ray_processes()
+        assert not before, f"an earlier test's Ray is still running: {before}"
+        cluster = Cluster(cfg, log=lambda *_: None)
+        try:
+            yield cluster.start()
+        finally:
+            redis = [server.proc for server in (cluster.redis, cluster.state_redis) if server]
+            cluster.stop()
+            after = ray_processes() + [f"{p.pid} redis-server" for p in redis if p.poll() is None]
+            assert not after, f"still running after the cluster stopped: {after}"
 
     return start
+
+
+def ray_processes() -> list[str]:
+    """Ray's processes (its GCS, raylets and workers) that this test process started and that
+    still run, as 'pid command'."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if any(mark in cmd for mark in ("raylet", "gcs_server", "ray::", "default_worker.py")):
+            found.append(f"{proc.pid} {cmd[:80]}")
+    return found
 
 
 @pytest.fixture(scope="module")

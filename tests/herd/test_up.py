@@ -1,0 +1,42 @@
+"""herd up's start under a slow machine: Ray's raylet gets a fixed 30 s to register, and on a loaded
+2-core machine it sometimes needs more; herd up starts Ray again, and names what did not start."""
+import pytest
+
+from herd.deploy import DeployConfig
+from herd.up import RAY_START_ATTEMPTS, Cluster
+
+
+def test_a_ray_that_never_registers_is_retried_then_named(herd_home, monkeypatch):
+    import ray
+
+    calls = []
+
+    def slow_init(**kwargs):
+        calls.append(kwargs)
+        raise Exception("The current node timed out during startup. This could happen because some of the "
+                        "raylet failed to startup or the GCS has become overloaded.")
+
+    monkeypatch.setattr(ray, "init", slow_init)
+    said = []
+    cluster = Cluster(DeployConfig.load(None, model="tiny-maverick", dashboard=False), log=said.append)
+    with pytest.raises(RuntimeError) as err:
+        cluster.start()
+    assert len(calls) == RAY_START_ATTEMPTS
+    assert "raylet did not register with its GCS" in str(err.value) and f"{RAY_START_ATTEMPTS} attempts" in str(err.value)
+    assert sum("starting Ray again" in line for line in said) == RAY_START_ATTEMPTS - 1
+    assert cluster.redis is None and cluster.state_redis is None  # what it had started is stopped
+
+
+def test_another_ray_failure_is_not_retried(herd_home, monkeypatch):
+    import ray
+
+    calls = []
+
+    def broken_init(**kwargs):
+        calls.append(kwargs)
+        raise ValueError("bad option")
+
+    monkeypatch.setattr(ray, "init", broken_init)
+    with pytest.raises(RuntimeError, match="bad option"):
+        Cluster(DeployConfig.load(None, model="tiny-maverick", dashboard=False), log=lambda *_: None).start()
+    assert len(calls) == 1
