@@ -73,11 +73,12 @@ class VisionConfig:
             raise HerdInputError(f"config.json: vision_config: image_size={cfg.image_size} must be a multiple of "
                                  f"patch_size={cfg.patch_size} and hidden_size of num_attention_heads")
         r, side = cfg.pixel_shuffle_ratio, cfg.patches_per_side
-        if not (0 < r <= 1 and float(side * r).is_integer() and cfg.hidden_size / r**2 == cfg.intermediate_size):
+        whole = isinstance(r, int | float) and not isinstance(r, bool) and 0 < r <= 1 and float(side * r).is_integer()
+        if not (whole and cfg.hidden_size / r**2 == cfg.intermediate_size):
             # pixel shuffle merges a tile's side x side patches into (side * r)^2 tokens of hidden_size / r^2
-            raise HerdInputError(f"config.json: vision_config: pixel_shuffle_ratio={r} is invalid for {side} x {side} "
-                                 f"patches per tile and hidden_size={cfg.hidden_size}; allowed: a ratio in (0, 1] "
-                                 "with image_size / patch_size * ratio whole and hidden_size / ratio^2 = "
+            raise HerdInputError(f"config.json: vision_config: pixel_shuffle_ratio={r!r} is invalid for {side} x "
+                                 f"{side} patches per tile and hidden_size={cfg.hidden_size}; allowed: a ratio in "
+                                 "(0, 1] with image_size / patch_size * ratio whole and hidden_size / ratio^2 = "
                                  f"intermediate_size={cfg.intermediate_size}")
         if raw.get("vision_feature_select_strategy", "default") != "default":
             raise HerdInputError("config.json: vision_config.vision_feature_select_strategy="
