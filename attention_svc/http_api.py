@@ -147,14 +147,19 @@ class _InternalErrors:
         except ClientDisconnect:  # the caller left while sending its body: nobody to answer, nothing wrong
             return
         except Exception:
-            log.exception("HTTP %s %s failed", scope.get("method"), _route(scope.get("path", "")))
-            self.count(_route(scope.get("path", "")))
+            route = _route(scope.get("path", ""))
+            log.exception("HTTP %s %s failed", scope.get("method"), route)
+            self.count(route)
             if not started:
                 await _internal_error().response()(scope, receive, send)
 
 
 def _route(path: str) -> str:
     return path if path in ROUTES else "other"
+
+
+def _call_route(call: Call) -> str:
+    return "/v1/chat/completions" if call.kind == "chat" else "/v1/completions"
 
 
 @dataclass
@@ -415,6 +420,7 @@ class _Choice:
             log.warning("request failed: %s", ev.seq.error)
             if ev.seq.retryable:
                 raise ApiError(503, "a model step failed; retry the request", type_="server_error")
+            self.front.count_internal_error(_call_route(self.call))
             raise _internal_error()
         text, toks, routes = "", [], []
         if ev.token is not None:
@@ -698,7 +704,7 @@ async def _stream(front, call, choices, session, rid):
         yield _event(err)
     except Exception:  # the status line is sent: the error can only be the stream's last event
         log.exception("HTTP stream of %s failed", rid)
-        front.count_internal_error("/v1/chat/completions" if call.kind == "chat" else "/v1/completions")
+        front.count_internal_error(_call_route(call))
         yield _event(_internal_error())
     finally:  # also on client disconnect (the task is cancelled): free every sequence
         for task in pending.values():

@@ -158,3 +158,14 @@ def test_an_unexpected_error_in_metrics_is_a_500_too(http, monkeypatch):
     monkeypatch.undo()
     assert internal_errors(http)["/metrics"] >= 1
     assert requests.get(http + "/v1/models", timeout=10).json()["data"][0]["id"] == MODEL
+
+
+def test_a_failed_model_step_is_a_503_that_names_nothing_internal(http, monkeypatch):
+    from llama4.engine import Engine
+
+    monkeypatch.setattr(Engine, "_run", _boom)  # e.g. the router unreachable: its RpcError names its address
+    resp = requests.post(http + "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert resp.status_code == 503 and resp.json()["error"]["type"] == "server_error"
+    assert SECRET_DETAIL not in resp.text and "retry" in resp.json()["error"]["message"]
+    monkeypatch.undo()
+    assert_serving(http)
