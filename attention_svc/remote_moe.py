@@ -16,8 +16,7 @@ import grpc
 import torch
 
 from herdpb import router_pb2, router_pb2_grpc
-from llama4.engine import RowsRefused
-from llama4.moe import Route, Routed
+from llama4.moe import Route, Routed, RowsRefused
 from plumbing.duplex import Duplex, Exchange
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, channel
 from plumbing.tensor_codec import WireError, read_tensor, rows_per_message, write_tensor

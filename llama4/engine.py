@@ -22,7 +22,7 @@ from llama4.config import MAX_MICRO_BATCHES, LayerKind
 from llama4.errors import HerdInputError, need
 from llama4.kv_cache import DEFAULT_BLOCK_SIZE, CacheFull
 from llama4.model import Llama4Model, MicroBatch
-from llama4.moe import Route
+from llama4.moe import Route, RowsRefused
 from llama4.sampling import sample
 from llama4.scheduler import QueueFull, Scheduler, split_batch
 from llama4.sequence import Request, Sequence
@@ -39,13 +39,6 @@ AUTO_MICRO_BATCH_TOKENS = 64
 # A refused step is bisected (Engine._isolate): each halving re-runs both halves, so 2 runs per halving
 # find one culprit and twice that find two. The sequences still unresolved then fail as a whole step does.
 ISOLATION_RUNS_PER_HALVING = 4
-
-
-class RowsRefused(RuntimeError):
-    """A MoE backend refused an exchange for the values of its rows (an expert output that
-    overflowed, a non-finite row): the fault of the sequences those rows came from, and
-    deterministic, so the same rows are refused again. Any other failure of a step is the
-    cluster's (unavailable, timed out, a malformed answer) and fails the whole step, retryable."""
 
 
 @dataclass

@@ -19,6 +19,13 @@ from kernels import grouped_expert_ffn, route_top1
 LOCAL_WORKER = -1  # the worker id of rows computed in this process
 
 
+class RowsRefused(RuntimeError):
+    """A MoE backend refused an exchange for the values of its rows (an expert output that
+    overflowed, a non-finite row): the fault of the sequences those rows came from, and
+    deterministic, so the same rows are refused again. Any other failure of a step is the
+    cluster's (unavailable, timed out, a malformed answer) and fails the whole step, retryable."""
+
+
 @dataclass
 class Route:
     """Where the rows of one MoE layer went: expert_ids [N], workers [N] (int64, CPU)."""
@@ -72,4 +79,6 @@ class LocalMoE:
         self.tokens_per_expert[layer] += torch.bincount(ids, minlength=self.gates[layer].shape[0])
         w13, w2 = self.experts[layer]
         y = grouped_expert_ffn(scaled, expert_ids, w13, w2)
+        if not torch.isfinite(y).all():  # refused as an expert worker refuses it: the monolithic model is the reference
+            raise RowsRefused(f"expert output overflowed for layer {layer}")
         return Routed(y, Route(ids, torch.full_like(ids, LOCAL_WORKER)))
