@@ -130,6 +130,8 @@ class Worker:
 
     def _probed(self, future) -> None:
         self._probing = False
+        if future.cancelled():  # its channel was closed: the worker moved or the router stops
+            return
         try:
             serving = future.result().status == _SERVING
         except (grpc.RpcError, grpc.FutureCancelledError):
