@@ -126,8 +126,10 @@ class Cluster:
             if checked:  # a checkpoint already there: check it before starting Ray
                 self._check_model(cfg, model.result())
             secrets_env = self._secrets()
-            # Ray's processes (the expert workers) inherit the cluster token and the registry's URL.
-            os.environ.update({**secrets_env, STATE_REDIS_URL_ENV: state_url})
+            # Ray's processes (the expert workers) inherit the cluster token and the registry's URL;
+            # the API keys go to the attention service alone (no other service takes them).
+            services_env = {**secrets_env, API_KEYS_ENV: ""}
+            os.environ.update({**services_env, STATE_REDIS_URL_ENV: state_url})
             self._start_ray()
             model_path = str(model.result())
             if not checked:
@@ -135,13 +137,13 @@ class Cluster:
             stage()
             stage()
             workers = pool.submit(start_expert_workers, cfg, model_path, state_url)
-            env = {**os.environ, **secrets_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
+            env = {**os.environ, **services_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
                    "PYTHONPATH": str(ROOT)}
             self.router_address = self._spawn("router", service_argv("router", cfg, model_path), env,
                                               "ROUTER_LISTENING")
             self.attention_address = self._spawn("attention", service_argv("attention", cfg, model_path,
-                                                                           self.router_address), env,
-                                                 "ATTENTION_LISTENING")
+                                                                           self.router_address),
+                                                 {**env, **secrets_env}, "ATTENTION_LISTENING")
             self.actors, infos = workers.result()
         finally:  # on failure, stop() runs next: it must not wait for a worker start still under way
             pool.shutdown(wait=False, cancel_futures=True)

@@ -258,6 +258,27 @@ def test_ray_dashboard_token_is_in_a_private_file_and_nowhere_else(cluster):
         assert token.encode() not in argv, pid
 
 
+def test_only_the_attention_service_holds_the_api_keys(cluster):
+    import os
+
+    from herd.up import _ray_processes
+
+    def environ(pid: int) -> bytes:
+        try:
+            return open(f"/proc/{pid}/environ", "rb").read()
+        except OSError:  # gone meanwhile
+            return b""
+
+    key, token = cluster.api_key.encode(), cluster.cluster_token.encode()
+    ray = [environ(p.pid) for p in _ray_processes()]  # the expert workers among them
+    holds = {  # (API key, cluster token); booleans only, so a failure prints no secret
+        "attention": (key in environ(cluster.procs["attention"].pid), token in environ(cluster.procs["attention"].pid)),
+        "router": (key in environ(cluster.procs["router"].pid), token in environ(cluster.procs["router"].pid)),
+        "ray": (any(key in env for env in ray), any(token in env for env in ray)),
+        "herd up": (key.decode() in os.environ.get("HERD_API_KEYS", ""), True)}
+    assert holds == {"attention": (True, True), "router": (False, True), "ray": (False, True), "herd up": (False, True)}
+
+
 _LONE_SURROGATE = st.builds(lambda a, s, b: a + s + b, st.text(max_size=4), st.sampled_from(["\udcff", "\ud800"]),
                             st.text(max_size=4))  # json.dumps sends it as an escape: not valid Unicode
 _ANY = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
