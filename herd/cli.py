@@ -208,7 +208,8 @@ def _print_local_endpoints(target: str) -> None:
     if info.get("ray_dashboard"):
         print(f"ray dashboard: http://{info['ray_dashboard']} (token: {info['ray_token_file']})")
     metrics = [info.get("router_metrics")] + [w.get("metrics") for w in info.get("workers", [])]
-    print(f"metrics: attention http://{info.get('http')}/metrics, router and workers: "
+    attention = f"http://{info['http']}/metrics" if info.get("http") else "off (no HTTP port)"
+    print(f"metrics: attention {attention}, router and workers: "
           f"{', '.join(f'http://{m}/metrics' for m in metrics if m)}")
 
 

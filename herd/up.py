@@ -193,7 +193,9 @@ class Cluster:
                 procs = _ray_processes()
                 ray.shutdown(wait_for_processes=True)
                 _reap(procs)
-                if "timed out during startup" not in str(exc) or attempt == RAY_START_ATTEMPTS:
+                if "timed out during startup" not in str(exc):
+                    raise RuntimeError(f"the local Ray cluster did not start: {exc}") from None
+                if attempt == RAY_START_ATTEMPTS:
                     raise RuntimeError(f"the local Ray cluster did not start ({attempt} attempts): its raylet did "
                                        f"not register with its GCS within Ray's 30 s ({exc})") from None
                 self.log(f"herd: the local Ray's raylet did not register within 30 s; starting Ray again "
