@@ -80,7 +80,6 @@ class Worker:
         self.latency = Latency()
         self.heard_at = time.monotonic()  # its last answer (exchange or probe)
         self.overdue_since = 0.0  # when an exchange of its went overdue; 0.0: it answers
-        self.hedges = 0  # its exchanges whose rows went to a replica when they went overdue
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._probing = False
 

@@ -144,7 +144,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             failed, overdue, fatal = [], [], None
             for call in calls:
                 if _answered_or_overdue(call, deadline):
-                    fatal = self._settle(call, deadline, y_sorted, failed) or fatal
+                    error = self._settle(call, deadline, y_sorted, failed)
+                    fatal = fatal or error
                 else:
                     call[0].mark_overdue()  # the control plane's view: its replicas take new rows
                     overdue.append(call)
@@ -154,7 +155,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                     worker, _, start, count = call[:4]
                     to = choice[ids[start : start + count]]
                     hedge = bool(((to >= 0) & (to != worker.index)).all())
-                    fatal = self._settle(call, deadline, y_sorted, failed, hedge) or fatal
+                    error = self._settle(call, deadline, y_sorted, failed, hedge)
+                    fatal = fatal or error
             if fatal is not None:
                 raise fatal
             if not failed:
@@ -188,7 +190,6 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
                 # Given up: its late answer is dropped when it comes, and its rows go to a replica.
                 log.warning("expert worker %d at %s: no answer in %.1fs; hedging %d rows onto replicas",
                             worker.index, worker.address, time.monotonic() - sent, count)
-                worker.hedges += 1
                 self.hedges += 1
                 failed.append((start, count))
                 return None

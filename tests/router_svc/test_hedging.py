@@ -131,3 +131,34 @@ def test_without_a_replica_an_overdue_exchange_is_awaited_and_completes_when_the
     assert torch.allclose(y, want, atol=1e-6)
     assert seconds >= OVERDUE_FLOOR_S + 1.4 and router.hedges == 0 and router.retries == 0
     assert router.placement.workers[0].answering()  # its answer took it back
+
+
+def test_a_slow_exchange_of_a_worker_that_answers_its_probes_is_awaited_not_hedged(setup):
+    """Slow is not stopped: while the worker answers health probes its exchange is not overdue,
+    however long it takes (a big prefill), so no replica does its work twice."""
+    path, redis_url, records, holds, (gate, w13, w2) = setup
+    router = _router(path, redis_url, records, "slow")
+    h = gate.shape[1]
+    _warm(router, h)
+    slow = router.placement.workers[0]
+    x = torch.randn(ROWS, h, generator=torch.Generator().manual_seed(3))
+    _, want = _want(x, gate, w13, w2)
+    stop = threading.Event()
+
+    def probes():  # the watch loop's probes, every PROBE_EVERY_S
+        while not stop.wait(0.5):
+            slow.probe()
+
+    holds[0].clear()
+    threading.Thread(target=probes, daemon=True).start()
+    thaw = threading.Timer(OVERDUE_FLOOR_S * 2.5, holds[0].set)
+    thaw.start()
+    try:
+        y, resp, seconds = _route(router, x)
+    finally:
+        thaw.cancel()
+        holds[0].set()
+        stop.set()
+    assert torch.allclose(y, want, atol=1e-6)
+    assert seconds >= OVERDUE_FLOOR_S * 2.4 and router.hedges == 0 and 0 in resp.workers
+    assert slow.answering()
