@@ -96,16 +96,17 @@ def _router_main(model_path: str, redis_url: str, conn, profile: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s router %(levelname)s %(message)s")
 
+    import router_svc.server as router_server
     from herdpb import router_pb2_grpc
     from llama4.checkpoint import Checkpoint
-    from plumbing.duplex import Duplex
     from plumbing.grpc_server import start_server
     from plumbing.registry import WorkerRegistry
     from router_svc.server import RouterServicer
 
     torch.set_num_threads(1)
     samples, prof = {"route": [], "wait": []}, _Profile(profile)
-    Duplex.receive = _timed(Duplex.receive, samples["wait"])  # the router's wait for its worker
+    # the router's wait for its worker's answer
+    router_server._answered_or_overdue = _timed(router_server._answered_or_overdue, samples["wait"])
     servicer = RouterServicer(Checkpoint(model_path), torch.float32, WorkerRegistry(redis_url))
     servicer.placement.refresh()
     servicer.route = _timed(servicer.route, samples["route"], prof)

@@ -169,7 +169,7 @@ def cmd_status(args) -> int:
     sizes = list(st.recent_batch_sizes)[-16:]
     print(f"recent decode batch sizes: {sizes}")
     r = st.router
-    print(f"router: {r.routes} routes, {r.worker_rpcs} worker RPCs, {r.retries} retries")
+    print(f"router: {r.routes} routes, {r.worker_rpcs} worker RPCs, {r.retries} retries, {r.hedges} hedged")
     print(f"router model fingerprint: {r.fingerprint}")
     for w in r.workers:
         if w.refused:
@@ -177,8 +177,9 @@ def cmd_status(args) -> int:
             continue
         held = ", ".join(f"{dt} {n / 2**20:.1f} MiB" for dt, n in sorted(w.expert_bytes.items()))
         node = f" node {w.node_id} ({w.node_ip})" if w.node_id else ""
-        print(f"  worker {w.index} {w.address} {'SERVING' if w.healthy else 'UNAVAILABLE'}{node} "
-              f"experts {list(w.experts)} rpcs {w.rpcs} rows {w.rows} expert memory: {held or 'unknown'}")
+        state = "OVERDUE" if w.healthy and w.overdue else "SERVING" if w.healthy else "UNAVAILABLE"
+        print(f"  worker {w.index} {w.address} {state}{node} experts {list(w.experts)} rpcs {w.rpcs} rows {w.rows} "
+              f"overdue after {w.overdue_bound_s:.1f}s expert memory: {held or 'unknown'}")
     for load in r.loads:
         print(f"  layer {load.layer} tokens per expert: {list(load.tokens_per_expert)}")
     _print_local_endpoints(args.target)

@@ -151,6 +151,7 @@ class Cluster:
         shards_text = ", ".join(f"{i['address']} experts {expert_span(i['experts'])}" for i in infos)
         self.log(f"expert workers: {len(infos)} ({shards_text})")
         wait_serving(self.router_address, cfg.startup_timeout_s)
+        self._wait_router_knows(infos)
         stage()
         tls_ca = Path(cfg.tls_cert).read_bytes() if cfg.tls_cert else None
         wait_serving(self.attention_address.replace("127.0.0.1", "localhost") if tls_ca else self.attention_address,
@@ -162,6 +163,29 @@ class Cluster:
             "router_metrics": self.router_metrics_address, "ray_dashboard": self.dashboard_url,
             "ray_token_file": str(self.ray_token_file) if self.ray_token_file else None,
             "workers": [{"index": i["index"], "address": i["address"], "metrics": i.get("metrics")} for i in infos]}))
+
+    def _wait_router_knows(self, infos: list[dict]) -> None:
+        """Until the router's table holds every worker at the address it serves on: the router
+        started beside the workers and is ready once every expert has one live holder, which with
+        replicas can be before all of them registered."""
+        from herdpb import router_pb2, router_pb2_grpc
+        from plumbing.grpc_server import channel
+
+        want = {i["index"]: i["address"] for i in infos}
+        ch = channel(self.router_address, secret=self.cluster_token)
+        try:
+            stub, deadline = router_pb2_grpc.RouterStub(ch), time.monotonic() + self.cfg.startup_timeout_s
+            while True:
+                known = {w.index: w.address for w in stub.Status(router_pb2.RouterStatusRequest(), timeout=10).workers
+                         if w.healthy and not w.refused}
+                if all(known.get(index) == address for index, address in want.items()):
+                    return
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the router does not know expert workers "
+                                       f"{sorted(set(want) - set(known))} within {self.cfg.startup_timeout_s:.0f} s")
+                time.sleep(0.1)
+        finally:
+            ch.close()
 
     @staticmethod
     def _check_model(cfg: DeployConfig, model_path) -> None:

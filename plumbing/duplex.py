@@ -89,6 +89,11 @@ class Exchange:
             self._error = self._error or exc
             self._done.set()
 
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` for the answers (or a failure) without giving the exchange up:
+        True once it is done, and result() then returns at once."""
+        return self._done.wait(max(timeout, 0.0))
+
     def result(self, timeout: float) -> list:
         """The exchange's `count` responses, in order; raises grpc.RpcError on failure or timeout.
         A timed-out exchange keeps its place on the stream: its late answers are dropped when they

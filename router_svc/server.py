@@ -44,15 +44,9 @@ def _answered_or_overdue(call, deadline: float) -> bool:
         now = time.monotonic()
         wait_s = min(deadline - now, worker.overdue_in(sent, now))
         if wait_s <= 0:
-            return now >= deadline or _wait(ex, 0.0)
-        if _wait(ex, wait_s):
+            return now >= deadline or ex.wait(0.0)
+        if ex.wait(wait_s):
             return True
-
-
-def _wait(ex, timeout: float) -> bool:
-    """Wait up to `timeout` for an exchange's answer without giving it up, as Exchange.result's
-    timeout would. (Reads the exchange's private event until plumbing.duplex offers this.)"""
-    return ex._done.wait(timeout)
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -220,11 +214,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
     def Status(self, request, context):
         status = router_pb2.RouterStatus(routes=self.routes, retries=self.retries, worker_rpcs=self.worker_rpcs,
-                                         fingerprint=self.fingerprint)
+                                         fingerprint=self.fingerprint, hedges=self.hedges)
         for w in sorted(self.placement.workers.values(), key=lambda w: w.index):
             status.workers.add(index=w.index, address=w.address, experts=w.experts, healthy=w.healthy,
                                rpcs=w.rpcs, rows=w.rows, expert_bytes=w.expert_bytes, node_id=w.node_id,
-                               node_ip=w.node_ip)
+                               node_ip=w.node_ip, overdue=bool(w.overdue_since), overdue_bound_s=w.latency.bound())
         for index, (address, why) in sorted(self.placement.refused.items()):
             status.workers.add(index=index, address=address, healthy=False, refused=why)
         for layer, counts in sorted(self.tokens_per_expert.items()):

@@ -142,6 +142,7 @@ def test_a_frozen_worker_is_routed_around_to_its_replica_and_taken_back(local_cl
         while not _router_worker(client, 0).healthy and time.monotonic() < until:
             time.sleep(0.2)
         assert _router_worker(client, 0).healthy and _metric(cluster, "herd:worker_overdue") == 0
+        assert not _router_worker(client, 0).overdue and client.status().router.hedges == hedges  # herd status says so
         rows = _router_worker(client, 0).rows
         got = [t for msg in client.generate(ids=prompts[0], max_tokens=MAX_TOKENS, ignore_eos=True)
                for t in msg.token_ids]
