@@ -58,7 +58,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
             context.abort(exc.code(), exc.details())
 
     def run(self, request) -> expert_pb2.RunExpertsResponse:
-        """One exchange: the experts' output for the request's rows; RpcFailure(INVALID_ARGUMENT) for bad input."""
+        """One exchange: the experts' output for the request's rows; RpcFailure(INVALID_ARGUMENT) for bad
+        input, FAILED_PRECONDITION for an expert this worker does not hold (a stale placement)."""
         try:
             if request.layer not in self.weights:
                 raise WireError(f"layer={request.layer} is not a MoE layer; allowed: {sorted(self.weights)}")
@@ -69,11 +70,12 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
             ids = np.fromiter(request.expert_ids, dtype=np.int64, count=n)
             if n and (ids.min() < 0 or ids.max() >= self.cfg.num_local_experts):
                 raise WireError(f"expert id out of range; allowed: [0, {self.cfg.num_local_experts})")
-            local = self.global_to_local[ids]
-            if (local < 0).any():
-                raise WireError(f"expert {int(ids[local < 0][0])} is not held by this worker; it holds {self.experts}")
         except WireError as exc:
             raise RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc)) from None
+        local = self.global_to_local[ids]
+        if (local < 0).any():  # the caller's placement is not this worker's: no fault of the rows
+            raise RpcFailure(grpc.StatusCode.FAILED_PRECONDITION,
+                             f"expert {int(ids[local < 0][0])} is not held by this worker; it holds {self.experts}")
         in_order = bool((local[1:] >= local[:-1]).all())  # the router sends rows grouped by expert
         with self._lock, torch.inference_mode():
             start = time.perf_counter()
