@@ -108,7 +108,8 @@ class Cluster:
     def _start_stages(self, cfg: DeployConfig, stage) -> None:
         """Start everything; stage() marks each of STAGES done. What does not depend on another
         part starts beside it: the model is built (first run only) while Ray starts, and the router
-        and the attention service load while the expert workers do (each waits for its peers)."""
+        and the attention service load while Ray and the expert workers start (each waits for its
+        peers)."""
         pool = ThreadPoolExecutor(2, thread_name_prefix="herd-up")
         try:
             model = pool.submit(resolve_model, cfg.model)
@@ -123,28 +124,33 @@ class Cluster:
                 self.state_redis = RedisServer(cfg.host, maxmemory="0", policy="noeviction")
                 state_url = self.state_redis.url
             checked = model.done()
-            if checked:  # a checkpoint already there: check it before starting Ray
+            if checked:  # a checkpoint already there: check it before starting anything else
                 self._check_model(cfg, model.result())
             secrets_env = self._secrets()
             # Ray's processes (the expert workers) inherit the cluster token and the registry's URL;
             # the API keys go to the attention service alone (no other service takes them).
             services_env = {**secrets_env, API_KEYS_ENV: ""}
             os.environ.update({**services_env, STATE_REDIS_URL_ENV: state_url})
+            env = {**os.environ, **services_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
+                   "PYTHONPATH": str(ROOT), "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+
+            def services() -> None:  # they need the model, not Ray: they load while Ray starts
+                path = str(model.result())
+                if not checked:
+                    self._check_model(cfg, path)
+                self.router_address = self._spawn("router", service_argv("router", cfg, path), env,
+                                                  "ROUTER_LISTENING")
+                self.attention_address = self._spawn("attention", service_argv("attention", cfg, path,
+                                                                               self.router_address),
+                                                     {**env, **secrets_env}, "ATTENTION_LISTENING")
+
+            started = pool.submit(services)
             self._start_ray()
             model_path = str(model.result())
-            if not checked:
-                self._check_model(cfg, model_path)
             stage()
             stage()
-            workers = pool.submit(start_expert_workers, cfg, model_path, state_url)
-            env = {**os.environ, **services_env, "HERD_REDIS_URL": redis_url, "HERD_STATE_REDIS_URL": state_url,
-                   "PYTHONPATH": str(ROOT)}
-            self.router_address = self._spawn("router", service_argv("router", cfg, model_path), env,
-                                              "ROUTER_LISTENING")
-            self.attention_address = self._spawn("attention", service_argv("attention", cfg, model_path,
-                                                                           self.router_address),
-                                                 {**env, **secrets_env}, "ATTENTION_LISTENING")
-            self.actors, infos = workers.result()
+            self.actors, infos = start_expert_workers(cfg, model_path, state_url)
+            started.result()
         finally:  # on failure, stop() runs next: it must not wait for a worker start still under way
             pool.shutdown(wait=False, cancel_futures=True)
         stage()
