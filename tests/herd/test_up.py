@@ -22,7 +22,8 @@ def test_a_ray_that_never_registers_is_retried_then_named(herd_home, monkeypatch
     with pytest.raises(RuntimeError) as err:
         cluster.start()
     assert len(calls) == RAY_START_ATTEMPTS
-    assert "raylet did not register with its GCS" in str(err.value) and f"{RAY_START_ATTEMPTS} attempts" in str(err.value)
+    assert "raylet did not register with its GCS" in str(err.value)
+    assert f"{RAY_START_ATTEMPTS} attempts" in str(err.value)
     assert sum("starting Ray again" in line for line in said) == RAY_START_ATTEMPTS - 1
     assert cluster.redis is None and cluster.state_redis is None  # what it had started is stopped
 
