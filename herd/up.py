@@ -14,8 +14,9 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 
 from herd.deploy import DeployConfig, place_experts
@@ -111,6 +112,7 @@ class Cluster:
         and the attention service load while Ray and the expert workers start (each waits for its
         peers)."""
         pool = ThreadPoolExecutor(2, thread_name_prefix="herd-up")
+        failed, started = threading.Event(), None
         try:
             model = pool.submit(resolve_model, cfg.model)
             if cfg.redis_url:
@@ -138,11 +140,13 @@ class Cluster:
                 path = str(model.result())
                 if not checked:
                     self._check_model(cfg, path)
-                self.router_address = self._spawn("router", service_argv("router", cfg, path), env,
-                                                  "ROUTER_LISTENING")
-                self.attention_address = self._spawn("attention", service_argv("attention", cfg, path,
-                                                                               self.router_address),
-                                                     {**env, **secrets_env}, "ATTENTION_LISTENING")
+                if not failed.is_set():
+                    self.router_address = self._spawn("router", service_argv("router", cfg, path), env,
+                                                      "ROUTER_LISTENING")
+                if not failed.is_set():
+                    self.attention_address = self._spawn("attention", service_argv("attention", cfg, path,
+                                                                                   self.router_address),
+                                                         {**env, **secrets_env}, "ATTENTION_LISTENING")
 
             started = pool.submit(services)
             self._start_ray()
@@ -151,7 +155,12 @@ class Cluster:
             stage()
             self.actors, infos = start_expert_workers(cfg, model_path, state_url)
             started.result()
-        finally:  # on failure, stop() runs next: it must not wait for a worker start still under way
+        except BaseException:  # stop() runs next: what the services thread spawns must be in self.procs by then
+            failed.set()
+            if started is not None:
+                wait([started], timeout=cfg.startup_timeout_s)
+            raise
+        finally:
             pool.shutdown(wait=False, cancel_futures=True)
         stage()
         shards_text = ", ".join(f"{i['address']} experts {expert_span(i['experts'])}" for i in infos)
@@ -220,9 +229,10 @@ class Cluster:
                                logging_level="ERROR", log_to_driver=False, configure_logging=False)
                 break
             except Exception as exc:  # Ray gives its raylet a fixed 30 s to register, too little on a loaded machine
-                procs = _ray_processes()
+                # A failed start leaves no node for ray.shutdown() to stop: what it started is found as our children.
+                procs = _ray_processes() + _ray_children()
                 ray.shutdown(wait_for_processes=True)
-                _reap(procs)
+                _reap(procs, terminate=True)
                 if "timed out during startup" not in str(exc):
                     raise RuntimeError(f"the local Ray cluster did not start: {exc}") from None
                 if attempt == RAY_START_ATTEMPTS:
@@ -331,7 +341,7 @@ class Cluster:
                     ray.kill(actor, no_restart=True)
                 except Exception:
                     pass
-            procs = _ray_processes()
+            procs = _ray_processes() + _ray_children()
             ray.shutdown(wait_for_processes=True)
             _reap(procs)  # gone, workers included, before anything else starts its own
             self.ray_started = False
@@ -365,10 +375,31 @@ def _ray_processes() -> list:
     return found
 
 
-def _reap(procs: list, timeout_s: float = 15.0) -> None:
-    """Wait for these processes to exit; kill what is left after timeout_s."""
+def _ray_children() -> list:
+    """This process's descendants that run Ray's code (its GCS, raylet, dashboard, workers)."""
     import psutil
 
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if f"{os.sep}ray{os.sep}" in cmd or cmd.startswith("ray::"):
+            found.append(proc)
+    return found
+
+
+def _reap(procs: list, timeout_s: float = 15.0, terminate: bool = False) -> None:
+    """Wait for these processes to exit (asked to with SIGTERM first if terminate); kill what is
+    left after timeout_s."""
+    import psutil
+
+    for proc in procs if terminate else ():
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
     _, alive = psutil.wait_procs(procs, timeout=timeout_s)
     for proc in alive:
         try:

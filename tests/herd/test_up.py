@@ -1,5 +1,8 @@
 """herd up's start under a slow machine: Ray's raylet gets a fixed 30 s to register, and on a loaded
 2-core machine it sometimes needs more; herd up starts Ray again, and names what did not start."""
+import subprocess
+import sys
+
 import pytest
 
 from herd.deploy import DeployConfig
@@ -9,10 +12,12 @@ from herd.up import RAY_START_ATTEMPTS, Cluster
 def test_a_ray_that_never_registers_is_retried_then_named(herd_home, monkeypatch):
     import ray
 
-    calls = []
+    calls, left = [], []
 
-    def slow_init(**kwargs):
+    def slow_init(**kwargs):  # as Ray's does: its processes started, the raylet late, no node to shut down
         calls.append(kwargs)
+        gcs = [sys.executable, "-c", "import time; time.sleep(120)", "/venv/ray/core/src/ray/gcs/gcs_server"]
+        left.append(subprocess.Popen(gcs))
         raise Exception("The current node timed out during startup. This could happen because some of the "
                         "raylet failed to startup or the GCS has become overloaded.")
 
@@ -26,6 +31,7 @@ def test_a_ray_that_never_registers_is_retried_then_named(herd_home, monkeypatch
     assert f"{RAY_START_ATTEMPTS} attempts" in str(err.value)
     assert sum("starting Ray again" in line for line in said) == RAY_START_ATTEMPTS - 1
     assert cluster.redis is None and cluster.state_redis is None  # what it had started is stopped
+    assert all(proc.poll() is not None for proc in left)  # and what each failed Ray start left behind
 
 
 def test_another_ray_failure_is_not_retried(herd_home, monkeypatch):
