@@ -188,8 +188,7 @@ def main() -> None:
         def exchange(layer, x):
             req = router_pb2.RouteRequest(layer=layer)
             write_tensor(req.x, x)
-            stream.send(req)
-            return stream.receive(30.0)
+            return stream.send_all([req]).result(30.0)[0]
 
         for i in range(50):  # warm-up: streams open, weights touched
             exchange(*tokens[i % len(tokens)])

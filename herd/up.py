@@ -196,8 +196,9 @@ class Cluster:
                 if all(known.get(index) == address for index, address in want.items()):
                     return
                 if time.monotonic() > deadline:
-                    raise RuntimeError(f"the router does not know expert workers "
-                                       f"{sorted(set(want) - set(known))} within {self.cfg.startup_timeout_s:.0f} s")
+                    unknown = [i for i, address in sorted(want.items()) if known.get(i) != address]
+                    raise RuntimeError(f"the router does not know expert workers {unknown} at their addresses "
+                                       f"within {self.cfg.startup_timeout_s:.0f} s")
                 time.sleep(0.1)
         finally:
             ch.close()
@@ -210,17 +211,7 @@ class Cluster:
         fingerprint(Path(model_path), weight_files(Path(model_path)), cache_home())
 
     def _start_ray(self) -> None:
-        # Local-only mode (every Ray listener on 127.0.0.1) and token auth with a fresh token.
-        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
-        os.environ["RAY_AUTH_MODE"] = "token"
-        os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
-        # Several torch processes share the cores: OpenMP threads that spin after each op steal
-        # them from each other (measured: cluster decode at batch 8 went from 0.6x to 0.87x).
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-        # Ray runs its workers at nice 15; the expert workers are on every step's critical path, so they
-        # must not yield the cores to the attention service and the router (one machine shares them).
-        os.environ.setdefault("RAY_worker_niceness", "0")
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        ray_environment()
         import ray
 
         for attempt in range(1, RAY_START_ATTEMPTS + 1):
@@ -230,7 +221,7 @@ class Cluster:
                 break
             except Exception as exc:  # Ray gives its raylet a fixed 30 s to register, too little on a loaded machine
                 # A failed start leaves no node for ray.shutdown() to stop: what it started is found as our children.
-                procs = _ray_processes() + _ray_children()
+                procs = _ray_children()
                 ray.shutdown(wait_for_processes=True)
                 _reap(procs, terminate=True)
                 if "timed out during startup" not in str(exc):
@@ -341,7 +332,7 @@ class Cluster:
                     ray.kill(actor, no_restart=True)
                 except Exception:
                     pass
-            procs = _ray_processes() + _ray_children()
+            procs = _ray_children()  # found while they run: the workers go with their raylet
             ray.shutdown(wait_for_processes=True)
             _reap(procs)  # gone, workers included, before anything else starts its own
             self.ray_started = False
@@ -357,26 +348,25 @@ class Cluster:
         self.stop()
 
 
-def _ray_processes() -> list:
-    """The processes the local Ray started (GCS, raylet, dashboard, ...) and their children (its
-    workers, the expert workers among them), found while they run."""
-    import psutil
-    import ray._private.worker as ray_worker
-
-    node = ray_worker._global_node
-    found = []
-    for infos in (node.all_processes.values() if node is not None else ()):
-        for info in infos:
-            try:
-                proc = psutil.Process(info.process.pid)
-                found += [proc, *proc.children(recursive=True)]
-            except psutil.Error:  # already gone
-                pass
-    return found
+def ray_environment() -> None:
+    """The environment the local Ray is started with; Ray reads its auth settings when first
+    imported, so this comes before `import ray`."""
+    # Local-only mode (every Ray listener on 127.0.0.1) and token auth with a fresh token.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_urlsafe(32))
+    # Several torch processes share the cores: OpenMP threads that spin after each op steal
+    # them from each other (measured: cluster decode at batch 8 went from 0.6x to 0.87x).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # Ray runs its workers at nice 15; the expert workers are on every step's critical path, so they
+    # must not yield the cores to the attention service and the router (one machine shares them).
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def _ray_children() -> list:
-    """This process's descendants that run Ray's code (its GCS, raylet, dashboard, workers)."""
+    """This process's descendants that run Ray's code: what ray.init started (its GCS, raylet,
+    dashboard, agents) and their children (Ray's workers, the expert workers among them)."""
     import psutil
 
     found = []

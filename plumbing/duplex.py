@@ -170,7 +170,6 @@ class Duplex:
         self._method = method  # a stream-stream multicallable, e.g. stub.RouteStream
         self._lock = threading.Lock()
         self._call: _Call | None = None
-        self._mine = threading.local()  # send()/receive() pairs: this thread's exchanges in order
 
     def send_all(self, requests: list) -> Exchange:
         """Start one exchange of several messages; its answers come from Exchange.result()."""
@@ -193,17 +192,6 @@ class Duplex:
                 request.exchange_id = ex.first_id + at
                 call.requests.put(request)
         return ex
-
-    def send(self, request) -> None:
-        """Start a one-message exchange whose answer receive() on this thread returns."""
-        mine = getattr(self._mine, "exchanges", None)
-        if mine is None:
-            mine = self._mine.exchanges = collections.deque()
-        mine.append(self.send_all([request]))
-
-    def receive(self, timeout: float):
-        """The answer to this thread's oldest send() not yet received; grpc.RpcError on failure or timeout."""
-        return self._mine.exchanges.popleft().result(timeout)[0]
 
     def close(self) -> None:
         with self._lock:

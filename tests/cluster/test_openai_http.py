@@ -261,7 +261,7 @@ def test_ray_dashboard_token_is_in_a_private_file_and_nowhere_else(cluster):
 def test_only_the_attention_service_holds_the_api_keys(cluster):
     import os
 
-    from herd.up import _ray_processes
+    from herd.up import _ray_children
 
     def environ(pid: int) -> bytes:
         try:
@@ -270,7 +270,7 @@ def test_only_the_attention_service_holds_the_api_keys(cluster):
             return b""
 
     key, token = cluster.api_key.encode(), cluster.cluster_token.encode()
-    ray = [environ(p.pid) for p in _ray_processes()]  # the expert workers among them
+    ray = [environ(p.pid) for p in _ray_children()]  # the expert workers among them
     holds = {  # (API key, cluster token); booleans only, so a failure prints no secret
         "attention": (key in environ(cluster.procs["attention"].pid), token in environ(cluster.procs["attention"].pid)),
         "router": (key in environ(cluster.procs["router"].pid), token in environ(cluster.procs["router"].pid)),

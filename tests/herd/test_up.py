@@ -6,10 +6,11 @@ import sys
 import pytest
 
 from herd.deploy import DeployConfig
-from herd.up import RAY_START_ATTEMPTS, Cluster
+from herd.up import RAY_START_ATTEMPTS, Cluster, ray_environment
 
 
 def test_a_ray_that_never_registers_is_retried_then_named(herd_home, monkeypatch):
+    ray_environment()  # as herd up does before Ray is first imported: later tests' Ray reads it
     import ray
 
     calls, left = [], []
@@ -35,6 +36,7 @@ def test_a_ray_that_never_registers_is_retried_then_named(herd_home, monkeypatch
 
 
 def test_another_ray_failure_is_not_retried(herd_home, monkeypatch):
+    ray_environment()
     import ray
 
     calls = []
