@@ -56,6 +56,22 @@ def _timed(fn, samples: list, profile: _Profile | None = None):
     return wrapper
 
 
+def _timed_async(fn, samples: list, profile: _Profile | None = None):
+    """_timed for a coroutine function (the router's loop runs one exchange at a time here)."""
+    async def wrapper(*args, **kwargs):
+        profiling = profile is not None and profile.on and profile.profiler is not None
+        if profiling:
+            profile.profiler.enable()
+        start, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return await fn(*args, **kwargs)
+        finally:
+            samples.append((time.perf_counter() - start, time.thread_time() - cpu))
+            if profiling:
+                profile.profiler.disable()
+    return wrapper
+
+
 def _serve_commands(conn, samples: dict[str, list], profile: _Profile) -> None:
     while True:
         cmd = conn.recv()
@@ -96,22 +112,19 @@ def _router_main(model_path: str, redis_url: str, conn, profile: bool) -> None:
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s router %(levelname)s %(message)s")
 
-    import router_svc.server as router_server
-    from herdpb import router_pb2_grpc
+    import router_svc.dispatch as dispatch
     from llama4.checkpoint import Checkpoint
-    from plumbing.grpc_server import start_server
     from plumbing.registry import WorkerRegistry
-    from router_svc.server import RouterServicer
+    from router_svc.server import RouterServicer, start
 
     torch.set_num_threads(1)
     samples, prof = {"route": [], "wait": []}, _Profile(profile)
     # the router's wait for its worker's answer
-    router_server._answered_or_overdue = _timed(router_server._answered_or_overdue, samples["wait"])
+    dispatch._answered_or_overdue = _timed_async(dispatch._answered_or_overdue, samples["wait"])
     servicer = RouterServicer(Checkpoint(model_path), torch.float32, WorkerRegistry(redis_url))
     servicer.placement.refresh()
-    servicer.route = _timed(servicer.route, samples["route"], prof)
-    server, port, _ = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s),
-                                   ["herd.v1.Router"])
+    servicer.route_async = _timed_async(servicer.route_async, samples["route"], prof)
+    server, port, _ = start(servicer)
     conn.send(port)
     _serve_commands(conn, samples, prof)
     server.stop(0)

@@ -1,10 +1,13 @@
 """The ExpertWorker gRPC service: runs a shard's routed experts on rows it is sent.
 
 It loads only its own experts' slices of every MoE layer and runs the grouped expert FFN
-(kernels.grouped_expert_ffn). Every request is validated before its bytes are used.
+(kernels.grouped_expert_ffn). Every request is validated before its bytes are used. It serves
+on grpc.aio: a small exchange (decode) is computed inline on the loop thread, with no hand-off;
+a large one (prefill) in a thread, so health checks are answered while it computes.
 """
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import threading
 import time
@@ -20,9 +23,15 @@ from kernels import grouped_expert_ffn
 from llama4.checkpoint import Checkpoint
 from llama4.quant import serving_fingerprint
 from llama4.weights import expert_bytes, load_experts
-from plumbing.duplex import serve_each
-from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure, start_server
+from plumbing.aio import LoopThread, start_aio_server
+from plumbing.duplex_aio import serve_each_async
+from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure
 from plumbing.tensor_codec import MAX_ROWS, WireError, all_finite, read_tensor, write_tensor
+
+
+# Exchanges of up to this many rows are computed on the loop thread (well under a millisecond of
+# expert FFN per row on a CPU: the loop is never held long enough to delay a health check).
+INLINE_ROWS = 64
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
@@ -46,16 +55,21 @@ class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
         self.metrics.register(_Sampled(self))
         self._lock = threading.Lock()  # one matmul stream at a time: the CPU is the bottleneck
 
-    def RunExpertsStream(self, request_iterator, context):
+    async def RunExpertsStream(self, request_iterator, context):
         # The router's one stream carries every concurrent Route: a failed request is answered
         # with its failure, never by ending the stream under the others.
-        return serve_each(request_iterator, self.run, expert_pb2.RunExpertsResponse)
+        await serve_each_async(context, self.run_async, expert_pb2.RunExpertsResponse)
 
-    def RunExperts(self, request, context):
+    async def RunExperts(self, request, context):
         try:
-            return self.run(request)
+            return await self.run_async(request)
         except RpcFailure as exc:
-            context.abort(exc.code(), exc.details())
+            await context.abort(exc.code(), exc.details())
+
+    async def run_async(self, request) -> expert_pb2.RunExpertsResponse:
+        if len(request.expert_ids) <= INLINE_ROWS:
+            return self.run(request)
+        return await asyncio.to_thread(self.run, request)
 
     def run(self, request) -> expert_pb2.RunExpertsResponse:
         """One exchange: the experts' output for the request's rows; RpcFailure(INVALID_ARGUMENT) for bad
@@ -126,8 +140,7 @@ def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, 
           max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None, expert_dtype: str = "auto"):
     """token: the cluster token every caller (the router) must send."""
     servicer = ExpertServicer(Checkpoint(model_path), experts, dtype, device, expert_dtype)
-    server, bound, _ = start_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s),
-                                    ["herd.v1.ExpertWorker"], host=host, port=port,
-                                    max_message_bytes=max_message_bytes, secrets=[token] if token else None,
-                                    what="cluster token")
+    server, bound, _ = start_aio_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s),
+                                        ["herd.v1.ExpertWorker"], LoopThread("worker-loop"), host=host, port=port,
+                                        max_message_bytes=max_message_bytes, secrets=[token] if token else None)
     return server, bound, servicer

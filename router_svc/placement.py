@@ -11,6 +11,7 @@ replica can take them, and is taken back once it answers again.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -21,7 +22,8 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from herdpb import expert_pb2_grpc
-from plumbing.duplex import Duplex
+from plumbing.aio import aio_channel, auth_metadata
+from plumbing.duplex_aio import AsyncDuplex
 from plumbing.grpc_server import channel
 from plumbing.registry import WorkerRegistry
 
@@ -64,14 +66,17 @@ class Latency:
 
 
 class Worker:
-    """One expert worker as the router sees it: its address, experts, stream and health."""
+    """One expert worker as the router sees it: its address, experts, stream and health. The data
+    stream (grpc.aio, opened on the dispatcher's loop at first use) is separate from the channel
+    that probes its health (synchronous, from the probe thread)."""
 
     def __init__(self, index: int, address: str, experts: list[int], max_message_bytes: int,
                  token: str | None = None):
         self.index, self.address, self.experts = index, address, experts
+        self.max_message_bytes, self._metadata = max_message_bytes, auth_metadata(token)
         self.channel = channel(address, max_message_bytes, secret=token)
-        self.stub = expert_pb2_grpc.ExpertWorkerStub(self.channel)
-        self.stream = Duplex(self.stub.RunExpertsStream)
+        self._stream: AsyncDuplex | None = None
+        self._data_channel = self._loop = None
         self.rpcs = self.rows = 0
         self.expert_bytes: dict[str, int] = {}  # resident routed-expert bytes by storage dtype, as published
         self.node_id = self.node_ip = ""  # the Ray node it runs on, as published
@@ -82,6 +87,16 @@ class Worker:
         self.overdue_since = 0.0  # when an exchange of its went overdue; 0.0: it answers
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._probing = False
+
+    @property
+    def stream(self) -> AsyncDuplex:
+        """The RunExperts stream; used from the dispatcher's loop only."""
+        if self._stream is None:
+            self._loop = asyncio.get_running_loop()
+            self._data_channel = aio_channel(self.address, self.max_message_bytes)
+            stub = expert_pb2_grpc.ExpertWorkerStub(self._data_channel)
+            self._stream = AsyncDuplex(lambda: stub.RunExpertsStream(metadata=self._metadata))
+        return self._stream
 
     def usable(self) -> bool:
         # A worker marked down is tried again after a while (it may have been a blip).
@@ -142,8 +157,25 @@ class Worker:
             self.mark_down()
 
     def close(self) -> None:
-        self.stream.close()
+        """From any thread: the data stream is closed on its loop."""
         self.channel.close()
+        stream, data_channel, loop = self._stream, self._data_channel, self._loop
+        if stream is None:
+            return
+
+        async def close():
+            stream.close()
+            await data_channel.close()
+
+        if loop.is_closed():
+            return
+        try:
+            if asyncio.get_running_loop() is loop:
+                asyncio.ensure_future(close())
+                return
+        except RuntimeError:  # no loop in this thread
+            pass
+        asyncio.run_coroutine_threadsafe(close(), loop)
 
 
 class Placement:
@@ -191,6 +223,10 @@ class Placement:
                 for e in worker.experts:
                     replicas.setdefault(e, []).append(index)
             self.replicas = replicas
+
+    async def refresh_async(self) -> None:
+        """refresh() from the dispatcher's loop (the registry is read in a thread: Redis blocks)."""
+        await asyncio.to_thread(self.refresh)
 
     def missing_experts(self) -> list[int]:
         """Experts no published worker holds."""

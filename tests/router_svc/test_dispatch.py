@@ -15,10 +15,11 @@ from kernels import grouped_expert_ffn, route_top1
 from llama4.checkpoint import Checkpoint
 from llama4.weights import load_experts, load_gates
 from plumbing.duplex import Duplex, failure_of, serve_each
-from plumbing.grpc_server import channel, start_server
+from plumbing.grpc_server import channel
 from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import read_tensor, write_tensor
 from router_svc.server import RouterServicer
+from router_svc.server import start as start_router
 
 LAYER, ROWS = 1, 48
 
@@ -172,8 +173,7 @@ def test_a_timed_out_exchange_keeps_the_shared_stream_for_the_others(setup):
 def test_a_failed_route_on_the_shared_router_stream_fails_alone(setup):
     path, redis_url, records, seen, (gate, w13, w2) = setup
     router = _router(path, redis_url, records, "stream")
-    server, port, _ = start_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(router, s),
-                                   ["herd.v1.Router"])
+    server, port, _ = start_router(router)
     stream = Duplex(router_pb2_grpc.RouterStub(channel(f"127.0.0.1:{port}")).RouteStream)
     x = torch.randn(5, gate.shape[1], generator=torch.Generator().manual_seed(11))
     _, want = _local(x, gate, w13, w2)

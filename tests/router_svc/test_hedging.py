@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from expert_svc.server import INLINE_ROWS
 from expert_svc.server import serve as serve_worker
 from herd.redis_server import RedisServer
 from herdpb import router_pb2
@@ -141,7 +142,8 @@ def test_a_slow_exchange_of_a_worker_that_answers_its_probes_is_awaited_not_hedg
     h = gate.shape[1]
     _warm(router, h)
     slow = router.placement.workers[0]
-    x = torch.randn(ROWS, h, generator=torch.Generator().manual_seed(3))
+    # A big exchange: the worker computes it in a thread, and its loop answers the probes meanwhile.
+    x = torch.randn(INLINE_ROWS * 4, h, generator=torch.Generator().manual_seed(3))
     _, want = _want(x, gate, w13, w2)
     stop = threading.Event()
 
