@@ -28,7 +28,6 @@ from plumbing.duplex_aio import serve_each_async
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure
 from plumbing.tensor_codec import MAX_ROWS, WireError, all_finite, read_tensor, write_tensor
 
-
 # Exchanges of up to this many rows are computed on the loop thread (well under a millisecond of
 # expert FFN per row on a CPU: the loop is never held long enough to delay a health check).
 INLINE_ROWS = 64
