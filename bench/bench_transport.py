@@ -104,6 +104,24 @@ def _herd_server(conn, secrets: list[str] | None = None) -> None:
     server.stop(0).wait()
 
 
+def _herd_aio_server(conn, secrets: list[str] | None = None) -> None:
+    """herd's data-path server: grpc.aio on a loop thread (plumbing.aio), serve_each_async."""
+    from herdpb import expert_pb2, expert_pb2_grpc
+    from plumbing.aio import LoopThread, start_aio_server
+    from plumbing.duplex_aio import serve_each_async
+
+    class Echo(expert_pb2_grpc.ExpertWorkerServicer):
+        async def RunExpertsStream(self, request_iterator, context):
+            await serve_each_async(context, lambda r: expert_pb2.RunExpertsResponse(y=r.x),
+                                   expert_pb2.RunExpertsResponse)
+
+    server, port, _ = start_aio_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(Echo(), s),
+                                       ["herd.v1.ExpertWorker"], LoopThread("echo"), secrets=secrets)
+    conn.send(port)
+    conn.recv()
+    server.stop(0).wait()
+
+
 # Clients: client(address, x, count) makes one stream, runs count round trips on it one at a
 # time and returns each one's seconds; the first WARMUP are the warm-up.
 
@@ -170,12 +188,44 @@ def _herd_client(address: str, x, count: int, secret: str | None = None) -> list
     return times
 
 
+def _herd_aio_client(address: str, x, count: int, secret: str | None = None) -> list[float]:
+    """herd's data-path client: an AsyncDuplex awaited on its own loop (as the router's dispatch)."""
+    from herdpb import expert_pb2_grpc
+    from plumbing.aio import aio_channel, auth_metadata
+    from plumbing.duplex_aio import AsyncDuplex
+
+    async def run():
+        ch = aio_channel(address)
+        stub = expert_pb2_grpc.ExpertWorkerStub(ch)
+        stream = AsyncDuplex(lambda: stub.RunExpertsStream(metadata=auth_metadata(secret)))
+        times = []
+        try:
+            for _ in range(count):
+                start = time.perf_counter()
+                resp = (await stream.send_all([_message(x)]).result(30.0))[0]
+                times.append(time.perf_counter() - start)
+        finally:
+            stream.close()
+            await ch.close()
+        return times, resp
+
+    times, resp = asyncio.run(run())
+    if resp.y.data != _message(x).x.data:
+        raise RuntimeError("herd aio: the echo is not the message sent")
+    return times
+
+
 # (name, server, client): the first is the yardstick of the ratios.
 CASES = [
     ("bare sync", _bare_sync_server, _bare_sync_client),
     ("bare aio", _bare_aio_server, _bare_aio_client),
     ("herd sync", _herd_server, _herd_client),
     ("herd sync + secret", functools.partial(_herd_server, secrets=[SECRET]),
+     functools.partial(_herd_client, secret=SECRET)),
+    # The data path now: router -> worker (aio both ends), attention -> router (sync client, aio server).
+    ("herd aio + secret", functools.partial(_herd_aio_server, secrets=[SECRET]),
+     functools.partial(_herd_aio_client, secret=SECRET)),
+    ("herd sync -> aio + secret", functools.partial(_herd_aio_server, secrets=[SECRET]),
      functools.partial(_herd_client, secret=SECRET)),
 ]
 

@@ -212,7 +212,13 @@ class _Member:
 
 
 class Coalescer:
-    """Exchanges for one layer that are at the dispatcher in the same turn of the loop run as one."""
+    """Exchanges for one layer that are at the dispatcher in the same turn of the loop run as one.
+
+    The first exchange of a layer to arrive leads: it yields one turn of the loop (every read that
+    has already come in runs meanwhile, and each of those exchanges for the layer joins it), then
+    dispatches what joined as one and hands each its rows. Alone, it dispatches its own rows as if
+    there were no coalescer. One dispatch serves the batch until the latest deadline among its
+    members (the router gives every exchange of a stream the same timeout)."""
 
     def __init__(self, dispatcher: Dispatcher, enabled: bool = True):
         self.dispatcher, self.enabled = dispatcher, enabled
@@ -224,57 +230,73 @@ class Coalescer:
         if not self.enabled:
             self.batches += 1
             return await self.dispatcher.route(layer, x, deadline)
-        member = _Member(x, deadline)
         batch = self._pending.get(layer)
-        if batch is None:
-            batch = self._pending[layer] = []
-            # After the callbacks already ready: every read that has come in this turn joins.
-            asyncio.get_running_loop().call_soon(self._flush, layer)
-        batch.append(member)
-        remaining = deadline - time.monotonic()
+        if batch is not None:  # a leader is yielding its turn: join it
+            member = _Member(x, deadline)
+            batch.append(member)
+            return await member.future
+        batch = self._pending[layer] = []
         try:
-            return await asyncio.wait_for(asyncio.shield(member.future), max(remaining, 0.01))
-        except TimeoutError:
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {remaining:.1f}s") from None
-
-    def _flush(self, layer: int) -> None:
-        batch = self._pending.pop(layer)
-        asyncio.ensure_future(self._run(layer, batch))
-
-    async def _run(self, layer: int, batch: list[_Member]) -> None:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the leader's caller went away: its members still run
+            del self._pending[layer]
+            if batch:
+                first, *rest = batch
+                asyncio.ensure_future(self._adopt(layer, first, rest))
+            raise
+        del self._pending[layer]
         self.batches += 1
-        if len(batch) == 1:
-            await self._run_one(layer, batch[0])
-            return
-        self.coalesced += len(batch)
-        x = torch.cat([m.x for m in batch])
-        try:
-            y, experts, workers = await self.dispatcher.route(layer, x, max(m.deadline for m in batch))
-        except grpc.RpcError as exc:
-            if exc.code() is grpc.StatusCode.INVALID_ARGUMENT:
-                # One member's rows were refused (an expert output that overflowed): run each
-                # alone, so the refusal fails only the exchange whose rows caused it.
-                await asyncio.gather(*(self._run_one(layer, m) for m in batch))
-                return
-            for m in batch:
-                _settle(m.future, exc=exc)
-            return
-        except Exception as exc:  # a bug fails these exchanges, not the loop
-            log.exception("a coalesced exchange failed")
-            for m in batch:
-                _settle(m.future, exc=exc)
-            return
-        start = 0
-        for m in batch:
-            n = m.x.shape[0]
-            _settle(m.future, (y[start : start + n], experts[start : start + n], workers[start : start + n]))
-            start += n
+        if not batch:
+            return await self.dispatcher.route(layer, x, deadline)
+        self.coalesced += len(batch) + 1
+        # Shielded: a leader whose caller goes away mid-dispatch still hands its members their rows.
+        return await asyncio.shield(asyncio.ensure_future(self._run(layer, x, deadline, batch)))
 
-    async def _run_one(self, layer: int, member: _Member) -> None:
+    async def _adopt(self, layer: int, first: _Member, rest: list[_Member]) -> None:
+        """Dispatch the members of a leader that was cancelled, the first of them leading."""
+        self.batches += 1
         try:
-            _settle(member.future, await self.dispatcher.route(layer, member.x, member.deadline))
+            if rest:
+                _settle(first.future, await self._run(layer, first.x, first.deadline, rest))
+            else:
+                _settle(first.future, await self.dispatcher.route(layer, first.x, first.deadline))
         except Exception as exc:
-            _settle(member.future, exc=exc)
+            _settle(first.future, exc=exc)
+
+    async def _run(self, layer: int, x: torch.Tensor, deadline: float, batch: list[_Member]):
+        """The leader's rows x and its members', dispatched as one; the leader's share is returned."""
+        try:
+            y, experts, workers = await self.dispatcher.route(layer, torch.cat([x, *(m.x for m in batch)]),
+                                                              max(deadline, *(m.deadline for m in batch)))
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.INVALID_ARGUMENT:
+                for m in batch:
+                    _settle(m.future, exc=exc)
+                raise
+            # Some member's rows were refused (an expert output that overflowed): each runs alone,
+            # so the refusal fails only the exchange whose rows caused it.
+            mine, *theirs = await asyncio.gather(self.dispatcher.route(layer, x, deadline),
+                                                 *(self.dispatcher.route(layer, m.x, m.deadline) for m in batch),
+                                                 return_exceptions=True)
+            for m, result in zip(batch, theirs, strict=True):
+                if isinstance(result, BaseException):
+                    _settle(m.future, exc=result)
+                else:
+                    _settle(m.future, result)
+            if isinstance(mine, BaseException):
+                raise mine from None
+            return mine
+        except BaseException as exc:  # cancelled, or a bug: the members must not wait forever
+            for m in batch:
+                _settle(m.future, exc=exc if isinstance(exc, Exception) else
+                        RpcFailure(grpc.StatusCode.UNAVAILABLE, "the exchange it was coalesced with was cancelled"))
+            raise
+        start = n = x.shape[0]
+        for m in batch:
+            rows = m.x.shape[0]
+            _settle(m.future, (y[start : start + rows], experts[start : start + rows], workers[start : start + rows]))
+            start += rows
+        return y[:n], experts[:n], workers[:n]
 
 
 def _settle(future: asyncio.Future, result=None, exc: Exception | None = None) -> None:
