@@ -24,6 +24,8 @@ def main() -> None:
     ap.add_argument("--worker-wait", type=float, default=30.0,
                     help="seconds a Route waits for a restarting worker (herd up derives it from the shard size)")
     ap.add_argument("--max-message-bytes", type=int, default=MAX_MESSAGE_BYTES, help="gRPC message cap, each way")
+    ap.add_argument("--no-coalesce", action="store_true",
+                    help="send each Route exchange on its own, never together with others for the same layer")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics here (0 = any free port)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s router %(levelname)s %(message)s")
@@ -35,7 +37,7 @@ def main() -> None:
     server, port, servicer = serve(args.model, torch_dtype(args.dtype), redis_url, args.cluster, args.host, args.port,
                             max_message_bytes=args.max_message_bytes,
                             worker_timeout=args.worker_wait, token=os.environ.get(CLUSTER_TOKEN_ENV) or None,
-                            expert_dtype=args.expert_dtype)
+                            expert_dtype=args.expert_dtype, coalesce=not args.no_coalesce)
     listening = f"ROUTER_LISTENING {args.host}:{port}"
     if args.metrics_port is not None:
         listening += f" METRICS {args.host}:{serve_metrics(servicer.metrics.registry, args.host, args.metrics_port)}"
