@@ -1,4 +1,5 @@
-"""One Route exchange at batch 1, broken into transport, router Python, worker Python and compute.
+"""One Route exchange at batch 1, broken into transport, router Python, worker Python and compute;
+then the same exchange in dispatch: direct (no router hop).
 
 A router and one expert worker (experts 0-31 of bench-maverick, as one of 4 workers holds them)
 run in their own processes on loopback, as `herd up` runs them (1 torch thread each, passive
@@ -148,6 +149,48 @@ def _echo_main(conn) -> None:
     server.stop(0)
 
 
+def _direct(model_path: str, redis_url: str, tokens, exchanges: int, wconn):
+    """dispatch: direct from this process, as an attention service runs it: a Dispatcher on its own
+    loop over the registry's placement, called from this (the engine's) thread. Returns (totals,
+    this process's samples, the worker's samples)."""
+    import torch
+
+    import router_svc.dispatch as dispatch
+    from llama4.checkpoint import Checkpoint
+    from llama4.weights import load_gates
+    from plumbing.aio import LoopThread
+    from plumbing.registry import WorkerRegistry
+    from router_svc.placement import Placement
+
+    ckpt = Checkpoint(model_path)
+    samples = {"route": [], "wait": []}
+    dispatch._answered_or_overdue = _timed_async(dispatch._answered_or_overdue, samples["wait"])
+    placement = Placement(WorkerRegistry(redis_url), ckpt.config.num_local_experts, 64 << 20)
+    placement.refresh()
+    dispatcher = dispatch.Dispatcher(load_gates(ckpt, torch.float32, "cpu"), placement, ckpt.config.hidden_size,
+                                     torch.float32)
+    dispatcher.route = _timed_async(dispatcher.route, samples["route"])
+    loop = LoopThread("direct")
+
+    def exchange(layer, x):
+        return loop.run(dispatcher.route(layer, x, time.monotonic() + 30.0))
+
+    for i in range(50):
+        exchange(*tokens[i % len(tokens)])
+    for s in samples.values():
+        s.clear()
+    wconn.send("reset")
+    wconn.recv()
+    totals = []
+    for i in range(exchanges):
+        start = time.perf_counter()
+        exchange(*tokens[i % len(tokens)])
+        totals.append(time.perf_counter() - start)
+    wconn.send("stats")
+    w, _ = wconn.recv()
+    return totals, samples, w
+
+
 def _tokens(model_path: str):
     """[(layer, x [1, H])]: tokens whose top-1 expert is one the worker holds, LAYER_CYCLE per MoE layer."""
     import torch
@@ -217,8 +260,10 @@ def main() -> None:
         w, wprof = wconn.recv()
         rconn.send("stats")
         r, rprof = rconn.recv()
-        for conn in (wconn, rconn):
-            conn.send("stop")
+        rconn.send("stop")
+        stream.close()
+        direct = _direct(path, redis.url, tokens, args.exchanges, wconn)
+        wconn.send("stop")
         econn, echild = ctx.Pipe()
         echo = ctx.Process(target=_echo_main, args=(echild,), daemon=True)
         echo.start()
@@ -238,6 +283,7 @@ def main() -> None:
         redis.stop()
     n = min(len(totals), len(r["route"]), len(w["run"]))
     rows = []
+    fixed = {"router": [totals[i] - w["compute"][i][0] for i in range(n)]}
     for k, how in enumerate(("wall", "CPU")):  # CPU: the handler thread's own time, blind to waiting for a core
         router_py = [r["route"][i][k] - r["wait"][i][k] for i in range(n)]
         worker_py = [w["run"][i][k] - w["compute"][i][k] for i in range(n)]
@@ -255,6 +301,20 @@ def main() -> None:
     print("  transport: gRPC, protobuf and thread hand-offs on both hops (wall time less the three others)")
     print(f"  floor: one hop on a bare stream (an echo server, same message) {ms(floor).strip()} ms, "
           f"so {2 * statistics.median(floor) * 1e3:.3f} ms for two")
+    totals, d, w = direct
+    n = min(len(totals), len(d["route"]), len(w["run"]))
+    dispatch_py = [d["route"][i][0] - d["wait"][i][0] for i in range(n)]
+    worker_py = [w["run"][i][0] - w["compute"][i][0] for i in range(n)]
+    transport = [totals[i] - dispatch_py[i] - w["run"][i][0] for i in range(n)]
+    fixed["direct"] = [totals[i] - w["compute"][i][0] for i in range(n)]
+    print(f"\nThe same exchange in dispatch: direct (this process gates and sends to the worker), median of {n} (ms)")
+    print(f"  {'':<8} {'total':>7} {'transport':>10} {'dispatch Py':>11} {'worker Py':>10} {'compute':>8}")
+    print(f"  {'wall':<8} {ms(totals):>7} {ms(transport):>10} {ms(dispatch_py):>11} {ms(worker_py):>10} "
+          f"{ms([w['compute'][i][0] for i in range(n)]):>8}")
+    print("  dispatch Py: the gate and the dispatch on this process's loop, less the wait for the worker; "
+          "transport includes\n  the hand-off from the calling thread to that loop and back")
+    print("\nFixed cost per exchange (total less expert compute), median (ms): "
+          + ", ".join(f"{mode} {ms(v).strip()}" for mode, v in fixed.items()))
     if args.profile:
         print("\nrouter profile (tottime)\n" + rprof + "\nworker profile (tottime)\n" + wprof)
 
