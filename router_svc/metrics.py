@@ -1,10 +1,13 @@
 """Prometheus metrics of the router: routed tokens per layer and expert, worker RPC latency,
-retries, rerouted rows, hedged exchanges and workers that stopped answering. Counts the router
-already keeps are read when Prometheus scrapes."""
+retries, rerouted rows, hedged exchanges and workers that stopped answering, and the pushed
+placement (dispatch: direct: its watchers, its version, refused load reports). Counts the router
+keeps (with those attention services report) are read when Prometheus scrapes."""
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from router_svc.push import published
 
 _RPC_SECONDS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
@@ -16,6 +19,9 @@ class RouterMetrics:
                                      ["worker"], buckets=_RPC_SECONDS, registry=self.registry)
         self.rerouted_rows = Counter("herd:rerouted_rows", "Rows sent again to another replica after a worker "
                                      "failed.", registry=self.registry)
+        self.placement_reports_refused = Counter("herd:placement_reports_refused", "Load reports from attention "
+                                                 "services (dispatch: direct) refused as malformed; nothing of "
+                                                 "them was counted.", registry=self.registry)
         self.registry.register(_Sampled(servicer))
 
 
@@ -52,3 +58,8 @@ class _Sampled:
             overdue.add_metric([str(w.index)], 1 if w.overdue_since else 0)
             bound.add_metric([str(w.index)], w.latency.bound())
         yield from (rpcs, rows, healthy, overdue, bound)
+        state = published(self.sv)
+        yield GaugeMetricFamily("herd:placement_watchers", "Attention services watching the placement table "
+                                "(dispatch: direct).", value=state.watchers)
+        yield GaugeMetricFamily("herd:placement_table_version", "Version of the placement table last pushed "
+                                "(0: none yet).", value=state.version)

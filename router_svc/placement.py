@@ -7,7 +7,9 @@ until it publishes again, so a Redis outage never empties the router. A backgrou
 marks workers up or down and sets readiness; `choice` picks one usable replica per expert,
 preferring workers that answer: a worker that stopped answering (its probe timed out, or an
 exchange went unanswered past its overdue bound, `Latency`) keeps its rows only where no
-replica can take them, and is taken back once it answers again.
+replica can take them, and is taken back once it answers again. WorkerTable is what a
+dispatcher needs of all this (workers, replicas, choice); the router's Placement fills it from
+the registry, an attention service with `dispatch: direct` from the tables the router pushes.
 """
 from __future__ import annotations
 
@@ -178,16 +180,64 @@ class Worker:
         asyncio.run_coroutine_threadsafe(close(), loop)
 
 
-class Placement:
-    def __init__(self, registry: WorkerRegistry, num_experts: int, max_message_bytes: int, fingerprint: str = "",
-                 token: str | None = None):
-        self.registry, self.num_experts, self.max_message_bytes = registry, num_experts, max_message_bytes
+class WorkerTable:
+    """The workers a dispatcher sends rows to, which experts each holds, and which one gets a row
+    (choice). Fed from the registry (Placement, the router's) or from the tables the router
+    pushes (attention_svc.direct_moe.PushedPlacement, dispatch: direct)."""
+
+    def __init__(self, num_experts: int, max_message_bytes: int, token: str | None = None):
+        self.num_experts, self.max_message_bytes = num_experts, max_message_bytes
         self.token = token  # the cluster token, sent to the workers
-        self.fingerprint = fingerprint  # the model the router serves: workers serving another are refused
-        self.refused: dict[int, tuple[str, str]] = {}  # index -> (address, why)
         self.workers: dict[int, Worker] = {}
         self.replicas: dict[int, list[int]] = {}  # expert -> workers holding it
         self._choice: tuple | None = None  # (replicas it was built from, choice [E], complete) while all are healthy
+
+    def _index_replicas(self) -> None:
+        """Rebuild expert -> holders after self.workers changed (a new dict: choice's cache follows it)."""
+        replicas: dict[int, list[int]] = {}
+        for index, worker in sorted(self.workers.items()):
+            for e in worker.experts:
+                replicas.setdefault(e, []).append(index)
+        self.replicas = replicas
+
+    def missing_experts(self) -> list[int]:
+        """Experts no published worker holds."""
+        return [e for e in range(self.num_experts) if e not in self.replicas]
+
+    def all_experts_live(self) -> bool:
+        return all(any(self.workers[w].healthy for w in self.replicas.get(e, [])) for e in range(self.num_experts))
+
+    def choice(self) -> tuple[torch.Tensor, bool]:
+        """The worker for each expert [E] (one usable replica, spread by expert id, one that answers
+        if any does; -1 if none) and whether every expert has one. While every worker answers the
+        table is built once per change of the workers, not per Route."""
+        all_healthy = all(w.answering() for w in list(self.workers.values()))
+        cached = self._choice
+        if all_healthy and cached is not None and cached[0] is self.replicas:
+            return cached[1], cached[2]
+        replicas = self.replicas
+        table = [-1] * self.num_experts
+        for e, holders in replicas.items():
+            usable = [w for w in holders if self.workers[w].answering()] or \
+                [w for w in holders if self.workers[w].usable()]
+            if usable and 0 <= e < self.num_experts:
+                table[e] = usable[e % len(usable)]
+        choice = torch.tensor(table, dtype=torch.long)
+        complete = -1 not in table
+        if all_healthy:
+            self._choice = (replicas, choice, complete)
+        return choice, complete
+
+
+class Placement(WorkerTable):
+    """The router's table, read from the worker registry."""
+
+    def __init__(self, registry: WorkerRegistry, num_experts: int, max_message_bytes: int, fingerprint: str = "",
+                 token: str | None = None):
+        super().__init__(num_experts, max_message_bytes, token)
+        self.registry = registry
+        self.fingerprint = fingerprint  # the model the router serves: workers serving another are refused
+        self.refused: dict[int, tuple[str, str]] = {}  # index -> (address, why)
         self._lock = threading.Lock()
 
     def refresh(self) -> None:
@@ -218,43 +268,11 @@ class Placement:
                 worker = self.workers[index]
                 worker.expert_bytes = dict(info.get("expert_bytes") or {})
                 worker.node_id, worker.node_ip = info.get("node_id", ""), info.get("node_ip", "")
-            replicas: dict[int, list[int]] = {}
-            for index, worker in sorted(self.workers.items()):
-                for e in worker.experts:
-                    replicas.setdefault(e, []).append(index)
-            self.replicas = replicas
+            self._index_replicas()
 
     async def refresh_async(self) -> None:
         """refresh() from the dispatcher's loop (the registry is read in a thread: Redis blocks)."""
         await asyncio.to_thread(self.refresh)
-
-    def missing_experts(self) -> list[int]:
-        """Experts no published worker holds."""
-        return [e for e in range(self.num_experts) if e not in self.replicas]
-
-    def all_experts_live(self) -> bool:
-        return all(any(self.workers[w].healthy for w in self.replicas.get(e, [])) for e in range(self.num_experts))
-
-    def choice(self) -> tuple[torch.Tensor, bool]:
-        """The worker for each expert [E] (one usable replica, spread by expert id, one that answers
-        if any does; -1 if none) and whether every expert has one. While every worker answers the
-        table is built once per registry change, not per Route."""
-        all_healthy = all(w.answering() for w in list(self.workers.values()))
-        cached = self._choice
-        if all_healthy and cached is not None and cached[0] is self.replicas:
-            return cached[1], cached[2]
-        replicas = self.replicas
-        table = [-1] * self.num_experts
-        for e, holders in replicas.items():
-            usable = [w for w in holders if self.workers[w].answering()] or \
-                [w for w in holders if self.workers[w].usable()]
-            if usable and 0 <= e < self.num_experts:
-                table[e] = usable[e % len(usable)]
-        choice = torch.tensor(table, dtype=torch.long)
-        complete = -1 not in table
-        if all_healthy:
-            self._choice = (replicas, choice, complete)
-        return choice, complete
 
     def watch(self, health_servicer, service_names: list[str]) -> None:
         """Probe every worker's health in the background and set readiness ("" and the service

@@ -27,6 +27,7 @@ from plumbing.tensor_codec import MAX_ROWS, WireError, read_tensor, write_tensor
 from router_svc.dispatch import Coalescer, Dispatcher
 from router_svc.metrics import RouterMetrics
 from router_svc.placement import Placement
+from router_svc.push import watch_placement
 
 log = logging.getLogger("herd.router")
 
@@ -57,6 +58,10 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         # A failed request is answered with its failure; the stream goes on (plumbing.duplex_aio).
         await serve_each_async(context, lambda request: self.route_async(request, self.worker_timeout),
                                router_pb2.RouteResponse, concurrent=True)
+
+    async def WatchPlacement(self, request_iterator, context):
+        # The table pushed to attention services that dispatch directly, and their load reports (router_svc.push).
+        await watch_placement(self, context)
 
     async def Route(self, request, context):
         try:
