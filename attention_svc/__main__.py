@@ -5,6 +5,7 @@ import logging
 import os
 from pathlib import Path
 
+from attention_svc import DISPATCH_MODES
 from attention_svc.http_api import create_app, serve_http
 from attention_svc.server import build, serve
 from llama4.dtypes import DTYPE_NAMES, torch_dtype
@@ -18,6 +19,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(prog="attention_svc")
     ap.add_argument("--model", required=True)
     ap.add_argument("--router", help="router address; without it the experts run in-process")
+    ap.add_argument("--dispatch", default="router", choices=DISPATCH_MODES,
+                    help="router: MoE rows go through the router; direct: gated here and sent to the workers")
     ap.add_argument("--dtype", default="float32", choices=DTYPE_NAMES)
     ap.add_argument("--expert-dtype", default="auto", choices=EXPERT_DTYPES,
                     help="how routed experts are held (in-process, or by the router's workers)")
@@ -49,7 +52,7 @@ def main() -> None:
     token = os.environ.get(CLUSTER_TOKEN_ENV) or None
     servicer, _ = build(args.model, args.router, torch_dtype(args.dtype), args.device, json.loads(args.batching),
                         args.route_timeout, redis_url, args.kv_ttl, args.max_message_bytes, state_url, token,
-                        args.expert_dtype)
+                        args.expert_dtype, args.dispatch)
     tls = (Path(args.tls_cert).read_bytes(), Path(args.tls_key).read_bytes()) if args.tls_cert else None
     api_keys = read_secrets(API_KEYS_ENV)
     server, port = serve(servicer, args.host, args.port, args.max_message_bytes, args.max_streams, api_keys, token, tls)

@@ -1,5 +1,6 @@
-"""Honest health for the attention service: readiness means its engine loop turns and its
-router answers; liveness ("liveness") means the process can answer at all.
+"""Honest health for the attention service: readiness means its engine loop turns, its router
+answers and (dispatch: direct) it holds a placement table; liveness ("liveness") means the
+process can answer at all.
 
 A watcher thread re-checks every CHECK_EVERY_S and sets grpc.health.v1 readiness ("" and
 herd.v1.Llama); drain() turns readiness off for good when the service is told to stop.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -21,9 +23,13 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 
 class Readiness:
-    def __init__(self, loop: EngineLoop, router_channel: grpc.Channel | None, health_servicer, names: list[str]):
+    """waiting_for: what the MoE backend still waits for ('' when nothing; DirectMoE.not_ready), or None."""
+
+    def __init__(self, loop: EngineLoop, router_channel: grpc.Channel | None, health_servicer, names: list[str],
+                 waiting_for: Callable[[], str] | None = None):
         self.loop, self.health, self.names = loop, health_servicer, ["", *names]
         self._router = health_pb2_grpc.HealthStub(router_channel) if router_channel is not None else None
+        self._waiting_for = waiting_for
         self._draining = threading.Event()
         self.reason = ""  # why it is not ready, for logs and Status
 
@@ -40,7 +46,7 @@ class Readiness:
                 return f"the router does not answer ({exc.code().name})"
             if status != SERVING:
                 return "the router is not serving (some expert has no live worker)"
-        return ""
+        return self._waiting_for() if self._waiting_for is not None else ""
 
     def watch(self) -> None:
         def loop():

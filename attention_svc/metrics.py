@@ -1,7 +1,9 @@
 """Prometheus metrics of the attention service, named after vLLM's (`herd:` for `vllm:`).
 
 Latencies and lengths are observed as the engine loop hands out events; queue depth, KV cache
-use and the Redis tier's counters are read when Prometheus scrapes. One registry per service.
+use, the Redis tier's counters and (dispatch: direct) the placement table in use are read when
+Prometheus scrapes. One registry per service. With dispatch: direct the expert load this
+service sends is counted by the router (reported to it), as in router mode.
 """
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import time
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from attention_svc.direct_moe import DirectMoE
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
 _TOKENS = tuple(2**i for i in range(0, 18))
@@ -79,6 +83,12 @@ class _Sampled:
                                 value=len(engine.waiting))
         yield GaugeMetricFamily("herd:kv_cache_usage_perc", "Fraction of in-memory KV cache blocks in use (0-1).",
                                 value=engine.cache_usage())
+        moe = engine.model.moe
+        if isinstance(moe, DirectMoE):
+            yield GaugeMetricFamily("herd:placement_table_version", "Version of the router's placement table in use "
+                                    "(dispatch: direct; 0: none yet).", value=moe.placement.version)
+            yield CounterMetricFamily("herd:placement_tables_refused", "Placement tables from the router this "
+                                      "service could not use (the last good one kept).", value=moe.tables_refused)
         tier = self.m.kv_tier
         if tier is None:
             return

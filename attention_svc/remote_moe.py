@@ -48,6 +48,7 @@ class _PendingRoute:
 
 class RemoteMoE:
     is_remote = True  # routed experts run elsewhere: a step's micro-batches can overlap them (llama4.engine)
+    dispatch = "router"
 
     def __init__(self, router_address: str, timeout: float = 60.0, max_message_bytes: int = MAX_MESSAGE_BYTES,
                  token: str | None = None):

@@ -15,6 +15,8 @@ import grpc
 import redis
 import torch
 
+from attention_svc import DISPATCH_MODES
+from attention_svc.direct_moe import DirectMoE
 from attention_svc.engine_loop import ABORTED, EngineLoop
 from attention_svc.health import Readiness
 from attention_svc.kv_tier import RedisKVTier
@@ -45,7 +47,7 @@ STATUS_METHOD = "/herd.v1.Llama/Status"  # the one public method the cluster tok
 
 
 class LlamaServicer(llama_pb2_grpc.LlamaServicer):
-    def __init__(self, model_name: str, loop: EngineLoop, tokenizer: Tokenizer, moe: RemoteMoE | None,
+    def __init__(self, model_name: str, loop: EngineLoop, tokenizer: Tokenizer, moe: RemoteMoE | DirectMoE | None,
                  kv_tier: RedisKVTier | None = None, sessions: SessionStore | None = None):
         self.model_name, self.loop, self.tok, self.moe, self.kv_tier = model_name, loop, tokenizer, moe, kv_tier
         self.sessions = sessions
@@ -221,7 +223,9 @@ class LlamaServicer(llama_pb2_grpc.LlamaServicer):
                 enabled=True, hits=st.hits, misses=st.misses, tokens_loaded=st.tokens_loaded, bytes_read=st.bytes_read,
                 bytes_written=st.bytes_written, load_seconds=st.load_seconds, corrupt=st.corrupt, errors=st.errors))
         if self.moe is not None:
-            out.route_rpcs = self.moe.route_rpcs
+            out.route_rpcs, out.dispatch = self.moe.route_rpcs, self.moe.dispatch
+            if isinstance(self.moe, DirectMoE):
+                out.placement_version = self.moe.placement.version
             try:
                 out.router.CopyFrom(self.moe.router_status())
             except grpc.RpcError as exc:
@@ -258,13 +262,21 @@ def _messages(chat: llama_pb2.ChatMessages) -> tuple[list[dict], list[llama_pb2.
 def build(model_path: str, router_address: str | None, dtype: torch.dtype, device: str, batching: dict,
           route_timeout: float = 60.0, redis_url: str | None = None, kv_ttl_s: int = 3600,
           max_message_bytes: int = MAX_MESSAGE_BYTES, state_redis_url: str | None = None,
-          cluster_token: str | None = None, expert_dtype: str = "auto") -> tuple[LlamaServicer, RemoteMoE | None]:
+          cluster_token: str | None = None, expert_dtype: str = "auto",
+          dispatch: str = "router") -> tuple[LlamaServicer, RemoteMoE | DirectMoE | None]:
     """redis_url: the KV tier's cache; state_redis_url: sessions (default: redis_url).
-    cluster_token: sent to the router. The router must serve the same model (fingerprint), experts held
-    as expert_dtype (llama4.quant): KV computed with other experts is another model's KV."""
+    cluster_token: sent to the router (and, dispatch: direct, to the workers). The router must serve the
+    same model (fingerprint), experts held as expert_dtype (llama4.quant): KV computed with other experts
+    is another model's KV. dispatch: "router" (each MoE layer's rows go to the router, RemoteMoE) or
+    "direct" (gated here and sent to the workers, with the router's pushed table: DirectMoE)."""
+    need(dispatch in DISPATCH_MODES, "dispatch", dispatch, " or ".join(DISPATCH_MODES))
     ckpt = Checkpoint(model_path)
     ours = serving_fingerprint(ckpt.fingerprint(), expert_dtype, ckpt.stored_fp8)
-    moe = RemoteMoE(router_address, route_timeout, max_message_bytes, cluster_token) if router_address else None
+    moe = None
+    if router_address and dispatch == "direct":
+        moe = DirectMoE(ckpt, router_address, dtype, ours, route_timeout, max_message_bytes, cluster_token)
+    elif router_address:
+        moe = RemoteMoE(router_address, route_timeout, max_message_bytes, cluster_token)
     if moe is not None:
         theirs = moe.router_status().fingerprint
         if theirs != ours:
@@ -308,7 +320,8 @@ def serve(servicer: LlamaServicer, host: str = "127.0.0.1", port: int = 0, max_m
                                          ["herd.v1.Llama"], host=host, port=port,
                                          max_workers=max_streams + HEALTH_THREADS, max_message_bytes=max_message_bytes,
                                          secrets=api_keys or None, tls=tls, methods=methods)
-    servicer.readiness = Readiness(servicer.loop, servicer.moe.channel if servicer.moe else None, health,
-                                   ["herd.v1.Llama"])
+    moe = servicer.moe
+    servicer.readiness = Readiness(servicer.loop, moe.channel if moe else None, health, ["herd.v1.Llama"],
+                                   moe.not_ready if isinstance(moe, DirectMoE) else None)
     servicer.readiness.watch()
     return server, bound
