@@ -6,6 +6,7 @@ import json
 import sys
 import time
 
+from attention_svc import DISPATCH_MODES
 from llama4.errors import HerdInputError
 from llama4.quant import EXPERT_DTYPES
 from llama4.store import DEFAULT_MODEL, cache_home
@@ -166,6 +167,11 @@ def cmd_status(args) -> int:
     st = Client(args.target, secret=env_secret(CLUSTER_TOKEN_ENV), operator=True).status()
     print(f"model: {st.model}")
     print(f"steps: {st.steps}  running: {st.running}  waiting: {st.waiting}  route RPCs: {st.route_rpcs}")
+    if st.dispatch == "direct":
+        print(f"dispatch: direct (rows go straight to the workers; the router's placement table "
+              f"v{st.placement_version}, counts reported to the router)")
+    elif st.dispatch:
+        print("dispatch: router")
     sizes = list(st.recent_batch_sizes)[-16:]
     print(f"recent decode batch sizes: {sizes}")
     r = st.router
@@ -220,7 +226,8 @@ def cmd_up(args) -> int:
     from plumbing.lifecycle import stop_on_signals
 
     stop = stop_on_signals()  # a signal during start-up stops the cluster once it is up
-    cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers, expert_dtype=args.expert_dtype)
+    cfg = DeployConfig.load(args.config, model=args.model, workers=args.workers, expert_dtype=args.expert_dtype,
+                            dispatch=args.dispatch)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     cluster = Cluster(cfg, log=log)
     try:
@@ -427,6 +434,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--model", help="override the config's model")
     u.add_argument("--workers", type=int, help="override the number of expert workers")
     u.add_argument("--expert-dtype", choices=EXPERT_DTYPES, help="override the config's expert_dtype")
+    u.add_argument("--dispatch", choices=DISPATCH_MODES, help="override the config's dispatch: router (MoE rows go "
+                   "through the router) or direct (the attention service sends them to the workers)")
     u.add_argument("--prompt", help="send this chat prompt, print the answer and a summary, then stop")
     u.set_defaults(func=cmd_up)
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from attention_svc import DISPATCH_MODES
 from llama4.config import MAX_MICRO_BATCHES, ModelConfig
 from llama4.dtypes import DTYPE_NAMES
 from llama4.errors import HerdInputError
@@ -48,6 +49,10 @@ class DeployConfig:
     workers: int = 4  # expert workers (Ray actors)
     placement: str = "contiguous"
     replicas: int = 1  # workers holding each expert: >1 survives a worker's death without waiting
+    # How each MoE layer's rows reach the expert workers: "router" (through the router, which gates
+    # them) or "direct" (the attention service gates them and sends each worker its rows itself,
+    # with the expert-to-worker table the router pushes; the router still owns placement and health).
+    dispatch: str = "router"
     gpus_per_worker: float = 0.0  # Ray GPUs per expert worker: 1 on Kubernetes (one GPU pod per worker)
     # Ray custom resources per expert worker, {name: amount}: a worker starts only on a node that
     # advertises them (`ray start --resources '{"expert_slot": 4}'`), so nodes choose what they host.
@@ -85,6 +90,7 @@ class DeployConfig:
         need(self.device == "cpu" or self.device.startswith("cuda"), "device", self.device, "cpu or cuda[:N]")
         need(isinstance(self.workers, int) and self.workers >= 1, "workers", self.workers, "an integer >= 1")
         need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))
+        need(self.dispatch in DISPATCH_MODES, "dispatch", self.dispatch, list(DISPATCH_MODES))
         need(isinstance(self.replicas, int) and 1 <= self.replicas <= self.workers, "replicas", self.replicas,
              f"an integer from 1 to workers={self.workers}")
         need(self.gpus_per_worker == 0 or _is_ray_amount(self.gpus_per_worker), "gpus_per_worker",

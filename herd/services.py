@@ -44,8 +44,8 @@ def service_argv(name: str, cfg: DeployConfig, model_path: str, router_address: 
         raise HerdInputError(f"service {name!r} is unknown; allowed: {', '.join(SERVICES)}")
     if not router_address:
         raise HerdInputError("attention: the router's address is needed (--router host:port)")
-    return ["-m", "attention_svc", *common, "--router", router_address, "--device", cfg.device,
-            "--port", str(cfg.attention_port), "--batching", json.dumps(vars(cfg.batching)),
+    return ["-m", "attention_svc", *common, "--router", router_address, "--dispatch", cfg.dispatch,
+            "--device", cfg.device, "--port", str(cfg.attention_port), "--batching", json.dumps(vars(cfg.batching)),
             "--route-timeout", str(max(cfg.route_timeout_s, wait + 10)), "--kv-ttl", str(cfg.kv_ttl_s),
             "--drain", str(cfg.drain_timeout_s), "--max-streams", str(cfg.max_streams),
             *([] if cfg.http_port is None else ["--http-port", str(cfg.http_port), "--served-model-name",

@@ -38,6 +38,7 @@ def test_contiguous_shards_are_ranges():
     ("worker_resources: [expert_slot]", "worker_resources=['expert_slot']"),
     ("batching: {micro_batches: 0}", "batching.micro_batches=0"),
     ("batching: {micro_batches: many}", "batching.micro_batches='many'"),
+    ("dispatch: workers", "dispatch='workers' is invalid; allowed: ['router', 'direct']"),
     ("- a list", "mapping"),
 ])
 def test_bad_config_names_field_and_value(tmp_path, yaml_text, needle):
@@ -51,6 +52,7 @@ def test_bad_config_names_field_and_value(tmp_path, yaml_text, needle):
 def test_defaults_work_locally():
     cfg = DeployConfig.load(None)
     assert cfg.host == "127.0.0.1" and cfg.redis_url is None and cfg.workers >= 1
+    assert cfg.dispatch == "router" and DeployConfig.load(None, dispatch="direct").dispatch == "direct"
 
 
 def test_worker_resources_are_ray_custom_resources():

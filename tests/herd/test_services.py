@@ -42,6 +42,9 @@ def test_service_argv_carries_the_config(tiny):
     assert router[router.index("--port") + 1] == "5555" and router[router.index("--expert-dtype") + 1] == "int8"
     attention = service_argv("attention", cfg, str(tiny), "router:50052")
     assert attention[attention.index("--router") + 1] == "router:50052" and "--no-kv-tier" in attention
+    assert attention[attention.index("--dispatch") + 1] == "router"
+    direct = service_argv("attention", DeployConfig(model=str(tiny), dispatch="direct"), str(tiny), "router:50052")
+    assert direct[direct.index("--dispatch") + 1] == "direct"
     assert "--http-port" not in attention
     with pytest.raises(HerdInputError, match="router's address"):
         service_argv("attention", cfg, str(tiny))
