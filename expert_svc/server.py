@@ -23,7 +23,7 @@ from kernels import grouped_expert_ffn
 from llama4.checkpoint import Checkpoint
 from llama4.quant import serving_fingerprint
 from llama4.weights import expert_bytes, load_experts
-from plumbing.aio import LoopThread, start_aio_server
+from plumbing.aio import LoopThread, add_service, start_aio_server
 from plumbing.duplex_aio import serve_each_async
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure
 from plumbing.tensor_codec import MAX_ROWS, WireError, all_finite, read_tensor, write_tensor
@@ -31,6 +31,7 @@ from plumbing.tensor_codec import MAX_ROWS, WireError, all_finite, read_tensor, 
 # Exchanges of up to this many rows are computed on the loop thread (well under a millisecond of
 # expert FFN per row on a CPU: the loop is never held long enough to delay a health check).
 INLINE_ROWS = 64
+WORKER_SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertWorker"]
 
 
 class ExpertServicer(expert_pb2_grpc.ExpertWorkerServicer):
@@ -139,7 +140,7 @@ def serve(model_path: str, experts: list[int], dtype: torch.dtype, device: str, 
           max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None, expert_dtype: str = "auto"):
     """token: the cluster token every caller (the router) must send."""
     servicer = ExpertServicer(Checkpoint(model_path), experts, dtype, device, expert_dtype)
-    server, bound, _ = start_aio_server(lambda s: expert_pb2_grpc.add_ExpertWorkerServicer_to_server(servicer, s),
+    server, bound, _ = start_aio_server(lambda s: add_service(s, servicer, WORKER_SERVICE),
                                         ["herd.v1.ExpertWorker"], LoopThread("worker-loop"), host=host, port=port,
                                         max_message_bytes=max_message_bytes, secrets=[token] if token else None)
     return server, bound, servicer

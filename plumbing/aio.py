@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import inspect
 import threading
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -112,6 +115,61 @@ class AsyncGuard(grpc.aio.ServerInterceptor):
         if matches(bearer(details.invocation_metadata), self.accepted):
             return handler
         return _refuse(handler, f"missing or wrong {self.what} (send 'authorization: Bearer <{self.what}>')")
+
+
+class Unparseable:
+    """What a tolerant deserializer gives for bytes that are not a valid message (in place of
+    grpc.aio's UNKNOWN): unary handlers answer INVALID_ARGUMENT, serve_each_async ends the
+    stream with it (its exchanges can no longer be paired)."""
+
+    def __init__(self, type_name: str, error: Exception):
+        self.why = f"the request is not a valid {type_name}: {error}"
+
+
+def _tolerant(message_class):
+    def parse(data: bytes):
+        try:
+            return message_class.FromString(data)
+        except DecodeError as exc:
+            return Unparseable(message_class.DESCRIPTOR.full_name, exc)
+    return parse
+
+
+def _checked(method):
+    """A unary handler that refuses Unparseable; a plain function (a quick one, e.g. Status) runs
+    inline on the loop."""
+    is_async = inspect.iscoroutinefunction(method)
+
+    async def unary(request, context):
+        if isinstance(request, Unparseable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.why)
+        return await method(request, context) if is_async else method(request, context)
+    return unary
+
+
+def add_service(server: grpc.aio.Server, servicer, service) -> None:
+    """Register servicer's coroutine methods for `service` (a protobuf ServiceDescriptor), with
+    deserializers that never raise: unparseable bytes reach the handler as Unparseable. (The
+    generated add_*_to_server would let grpc.aio answer them UNKNOWN.) A streaming method must be
+    a coroutine; a method the servicer does not define is left to gRPC (UNIMPLEMENTED)."""
+    handlers = {}
+    for method in service.methods:
+        fn = getattr(servicer, method.name, None)
+        if fn is None or not any(method.name in vars(cls) for cls in type(servicer).__mro__
+                                 if not cls.__module__.startswith("herdpb.")):
+            continue
+        parse = _tolerant(message_factory.GetMessageClass(method.input_type))
+        serialize = message_factory.GetMessageClass(method.output_type).SerializeToString
+        if method.client_streaming and method.server_streaming:
+            make = grpc.stream_stream_rpc_method_handler
+        elif method.client_streaming:
+            make = grpc.stream_unary_rpc_method_handler
+        elif method.server_streaming:
+            make = grpc.unary_stream_rpc_method_handler
+        else:
+            make, fn = grpc.unary_unary_rpc_method_handler, _checked(fn)
+        handlers[method.name] = make(fn, request_deserializer=parse, response_serializer=serialize)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
 
 
 def start_aio_server(add_servicers, service_names: list[str], loop: LoopThread, host: str = "127.0.0.1",

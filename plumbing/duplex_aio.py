@@ -18,6 +18,7 @@ import time
 import grpc
 
 from herdpb import tensor_pb2
+from plumbing.aio import Unparseable
 from plumbing.duplex import STUCK_AFTER_S, failure_of
 from plumbing.grpc_server import RpcFailure
 
@@ -33,6 +34,8 @@ def _failed(response_type, exc: Exception):
 
 
 async def _answer(run, request, response_type):
+    if isinstance(request, Unparseable):  # mispaired from here on: nothing more on this stream is answered
+        raise _Unpaired(request.why)
     try:
         resp = run(request)
         if inspect.isawaitable(resp):
@@ -48,6 +51,17 @@ async def serve_each_async(context, run, response_type, concurrent: bool = False
     or a coroutine function) answers each request; answers go back in request order. concurrent:
     a request is started as soon as it is read, while earlier ones are still running (the router:
     several exchanges of one stream, e.g. micro-batches, wait on workers at once)."""
+    try:
+        await _serve(context, run, response_type, concurrent)
+    except _Unpaired as exc:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{exc}; the stream is closed")
+
+
+class _Unpaired(Exception):
+    """A message that could not be parsed: its exchange_id is unknown, so no answer can be paired."""
+
+
+async def _serve(context, run, response_type, concurrent: bool) -> None:
     if not concurrent:
         while (request := await context.read()) is not grpc.aio.EOF:
             await context.write(await _answer(run, request, response_type))

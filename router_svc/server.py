@@ -19,7 +19,7 @@ from herdpb import router_pb2, router_pb2_grpc
 from llama4.checkpoint import Checkpoint
 from llama4.quant import serving_fingerprint
 from llama4.weights import load_gates
-from plumbing.aio import LoopThread, start_aio_server
+from plumbing.aio import LoopThread, add_service, start_aio_server
 from plumbing.duplex_aio import serve_each_async
 from plumbing.grpc_server import MAX_MESSAGE_BYTES, RpcFailure
 from plumbing.registry import WorkerRegistry
@@ -30,6 +30,7 @@ from router_svc.placement import Placement
 from router_svc.push import watch_placement
 
 log = logging.getLogger("herd.router")
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"]
 
 
 class RouterServicer(router_pb2_grpc.RouterServicer):
@@ -122,6 +123,6 @@ def serve(model_path: str, dtype: torch.dtype, redis_url: str, cluster: str, hos
 def start(servicer: RouterServicer, host: str = "127.0.0.1", port: int = 0,
           max_message_bytes: int = MAX_MESSAGE_BYTES, token: str | None = None):
     """The router's gRPC server on the servicer's loop: (server, bound port, health)."""
-    return start_aio_server(lambda s: router_pb2_grpc.add_RouterServicer_to_server(servicer, s), ["herd.v1.Router"],
+    return start_aio_server(lambda s: add_service(s, servicer, ROUTER_SERVICE), ["herd.v1.Router"],
                             servicer.loop, host=host, port=port, max_message_bytes=max_message_bytes,
                             secrets=[token] if token else None, what="cluster token")
