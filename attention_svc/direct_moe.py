@@ -44,7 +44,7 @@ from router_svc.placement import PROBE_EVERY_S, Worker, WorkerTable
 
 log = logging.getLogger("herd.attention")
 REPORT_EVERY_S = 1.0
-REOPEN_MIN_S, REOPEN_MAX_S = 0.1, 5.0  # backoff between attempts to reopen the placement stream
+REOPEN_MIN_S, REOPEN_MAX_S = 0.1, 2.0  # backoff between attempts to reopen the placement stream
 ANSWER_SLACK_S = 1.0  # result() waits this much past the dispatch's deadline, so the dispatch's own failure comes first
 
 

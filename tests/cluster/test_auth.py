@@ -38,8 +38,8 @@ API_KEY, CLUSTER_TOKEN, ANYONE = {"an API key"}, {"the cluster token"}, set(CRED
 # Who opens what: the table the README states.
 ATTENTION_DOORS = {"Generate": API_KEY, "Score": API_KEY, "Tokenize": API_KEY, "Status": API_KEY | CLUSTER_TOKEN}
 INTERNAL_DOORS = {("router", "Route"): CLUSTER_TOKEN, ("router", "RouteStream"): CLUSTER_TOKEN,
-                  ("router", "Status"): CLUSTER_TOKEN, ("worker", "RunExperts"): CLUSTER_TOKEN,
-                  ("worker", "RunExpertsStream"): CLUSTER_TOKEN}
+                  ("router", "Status"): CLUSTER_TOKEN, ("router", "WatchPlacement"): CLUSTER_TOKEN,
+                  ("worker", "RunExperts"): CLUSTER_TOKEN, ("worker", "RunExpertsStream"): CLUSTER_TOKEN}
 HTTP_DOORS = {("GET", "/v1/models"): API_KEY, ("POST", "/v1/completions"): API_KEY,
               ("POST", "/v1/chat/completions"): API_KEY, ("GET", "/metrics"): API_KEY | CLUSTER_TOKEN,
               ("GET", "/health"): ANYONE}
@@ -130,6 +130,12 @@ def internal_call(c, service: str, method: str, secret: str | None):
         stub = router_pb2_grpc.RouterStub(channel(c.router, secret=secret))
         if method == "Status":
             return stub.Status(router_pb2.RouterStatusRequest(), timeout=10).workers[0].address
+        if method == "WatchPlacement":  # the table pushed at once: the worker's address is in it
+            call = stub.WatchPlacement(iter(()), timeout=30)
+            try:
+                return next(call).workers[0].address
+            finally:
+                call.cancel()
         req = router_pb2.RouteRequest(layer=0)
         write_tensor(req.x, x)
         if method == "Route":
@@ -155,7 +161,7 @@ def test_the_internal_services_open_only_to_the_cluster_token(cluster, service, 
         assert not secret or secret not in err.details()
         return
     got = internal_call(cluster, service, method, secret)
-    assert got == (cluster.worker if method == "Status" else [2, cluster.hidden])
+    assert got == (cluster.worker if method in ("Status", "WatchPlacement") else [2, cluster.hidden])
 
 
 @pytest.mark.parametrize("address", ["attention", "router", "worker"])

@@ -1,7 +1,8 @@
 """A worker frozen under load (SIGSTOP on its process: alive, its sockets open, answering
 nothing). With `replicas: 2` its overdue exchanges are hedged onto the live replica within
-seconds and requests never wait for the freeze; after SIGCONT it is taken back. Without a
-replica, requests wait for it and complete correctly once it answers: none fails.
+seconds and requests never wait for the freeze; after SIGCONT it is taken back; so in both
+dispatch modes (through the router, or `dispatch: direct` from the attention service itself).
+Without a replica, requests wait for it and complete correctly once it answers: none fails.
 
 STREAMS concurrent streams (not the 16 of the report: the suite runs on a 2-core machine)."""
 from __future__ import annotations
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.request
 
+import pytest
 import torch
 
 from herd.client import Client
@@ -109,10 +111,11 @@ def _check_tokens(done, expected) -> None:
     assert not wrong, wrong
 
 
-def test_a_frozen_worker_is_routed_around_to_its_replica_and_taken_back(local_cluster, mono):
+@pytest.mark.parametrize("dispatch", ["router", "direct"])
+def test_a_frozen_worker_is_routed_around_to_its_replica_and_taken_back(local_cluster, mono, dispatch):
     prompts = _prompts(2 * STREAMS)
     expected = _expected(mono, prompts)
-    with local_cluster(workers=2, replicas=2) as cluster:
+    with local_cluster(workers=2, replicas=2, dispatch=dispatch) as cluster:
         client = Client(cluster.attention_address)
         assert all(len(w.experts) == 128 for w in client.status().router.workers)  # each holds every expert
         pid = _worker_pid(cluster, 0)
@@ -147,6 +150,9 @@ def test_a_frozen_worker_is_routed_around_to_its_replica_and_taken_back(local_cl
         got = [t for msg in client.generate(ids=prompts[0], max_tokens=MAX_TOKENS, ignore_eos=True)
                for t in msg.token_ids]
         assert got == expected[0]
+        until = time.monotonic() + 5  # direct: the attention service reports its rows about once a second
+        while _router_worker(client, 0).rows == rows and time.monotonic() < until:
+            time.sleep(0.2)
         assert _router_worker(client, 0).rows > rows
 
 
