@@ -6,8 +6,9 @@ way on each of the two hops). "mono server" is the monolithic engine behind the 
 end (an attention service with the experts in-process): cluster / mono server is the cost of
 disaggregation alone, cluster / monolithic also that of serving over gRPC. With
 --micro-batches 1,2 one attention service per count runs against the same router and workers
-(the cluster's own has the first), each measured in turn within every run.
-Run: .venv/bin/python -m bench.bench_cluster [--runs 3] [--micro-batches 1,2]
+(the cluster's own has the first), and with --dispatch router,direct one per dispatch mode
+(direct: the service gates and sends to the workers itself), each measured in turn within every run.
+Run: .venv/bin/python -m bench.bench_cluster [--runs 3] [--micro-batches 1] [--dispatch router,direct]
 """
 from __future__ import annotations
 
@@ -109,10 +110,12 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--batches", default="1,8,64")
     ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--micro-batches", default="1,2", help="micro-batch counts measured side by side")
+    ap.add_argument("--micro-batches", default="1", help="micro-batch counts measured side by side")
+    ap.add_argument("--dispatch", default="router,direct", help="dispatch modes measured side by side")
     ap.add_argument("--no-prefill", action="store_true")
     args = ap.parse_args()
     counts = [int(x) for x in args.micro_batches.split(",")]
+    modes = args.dispatch.split(",")
     path = resolve_model("bench-maverick")
     model = Llama4Model.load(Checkpoint(path))
     cfg = model.cfg
@@ -121,9 +124,16 @@ def main() -> None:
                              dashboard=False)
     dcfg.batching.micro_batches = counts[0]  # not a Batching field yet (herd/deploy.py); herd up passes it on
     with Cluster(dcfg, log=lambda *_: None) as cluster:
-        clients = {counts[0]: Client(cluster.attention_address)}
-        for k in counts[1:]:
-            clients[k] = attention_beside(cluster, f"attention-mb{k}", True, {"micro_batches": k})
+        # label -> client; the cluster's own service is the first (dispatch: router, counts[0] micro-batches)
+        clients = {}
+        for mode in modes:
+            for k in counts:
+                label = f"{mode} mb={k}"
+                if mode == "router" and k == counts[0]:
+                    clients[label] = Client(cluster.attention_address)
+                else:
+                    clients[label] = attention_beside(cluster, f"attention-{mode}-mb{k}", True, {"micro_batches": k},
+                                                      dispatch=mode)
         # The monolithic engine behind the same gRPC front end (experts in-process, no router):
         # cluster / this is what disaggregation costs, apart from serving over gRPC at all.
         served = attention_beside(cluster, "attention-mono", False, {})
@@ -163,13 +173,14 @@ def main() -> None:
         steps = {k: c.status() for k, c in clients.items()}
     header = ["case", "monolithic", "mono server"]
     for k in clients:
-        header += [f"cluster mb={k}", f"mb={k} / mono", f"mb={k} / server"]
+        header += [f"cluster {k}", f"{k} / mono", f"{k} / server"]
     print_table(f"bench-maverick, {args.workers} expert workers, fp32, median of {args.runs} (tokens/s)",
                 header + ["auto picks"], rows)
     for k, st in steps.items():
-        print(f"\nmb={k}: Route exchanges per MoE layer per step: {st.route_rpcs / st.steps / len(cfg.moe_layers):.2f}")
-    # One router serves every attention service: its counters cover them all.
-    print("RunExperts per Route: " + ", ".join(f"{n} {v:.2f}" for (n, k), v in per_route.items() if k == counts[0]))
+        print(f"\n{k}: Route exchanges per MoE layer per step: {st.route_rpcs / st.steps / len(cfg.moe_layers):.2f}")
+    # One router serves every attention service (and hears from the direct ones): its counters cover them all.
+    first = next(iter(clients))
+    print("RunExperts per Route: " + ", ".join(f"{n} {v:.2f}" for (n, k), v in per_route.items() if k == first))
     for tokens in (1, 8, 64):
         print(f"wire bytes / minimum at {tokens} tokens per step: "
               f"{wire_ratio(cfg, tokens, min(tokens, args.workers)):.3f}")

@@ -1,9 +1,10 @@
 """What a user waits for: time to first token and inter-token latency at 1 and 16 concurrent
 streams, on the default model through `herd up`, cluster vs monolithic.
 
-One `herd up` (4 expert workers) and, beside its attention service (micro_batches auto: 1 on
-a CPU), two more on the same process layout: one with the experts in-process (the monolithic
-engine behind the same gRPC API: no router) and one with micro_batches=2 (ping-pong forced). Each run sends
+One `herd up` (4 expert workers) and, beside its attention service (dispatch: router,
+micro_batches auto: 1 on a CPU), two more on the same process layout: one with the experts
+in-process (the monolithic engine behind the same gRPC API: no router) and one in dispatch:
+direct (it gates and sends to the workers itself, over the router's table). Each run sends
 the same load to each in turn; each stream has its own random prompt of PROMPT tokens and asks
 for MAX_TOKENS. TTFT: request sent to first token; ITL: (last token - first token) / (tokens - 1)
 of each stream. Medians over streams, then over runs.
@@ -56,7 +57,7 @@ def main() -> None:
     with Cluster(cfg, log=lambda *_: None) as cluster:
         targets = {"monolithic": attention_beside(cluster, "attention-mono", False, {}),
                    "cluster": Client(cluster.attention_address),
-                   "cluster mb=2": attention_beside(cluster, "attention-mb2", True, {"micro_batches": 2})}
+                   "cluster direct": attention_beside(cluster, "attention-direct", True, {}, dispatch="direct")}
         for streams in [int(s) for s in args.streams.split(",")]:
             for client in targets.values():
                 load(client, streams, vocab, gen)  # warm-up

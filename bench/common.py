@@ -39,15 +39,18 @@ def print_table(title: str, header: list[str], rows: list[list]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
-def attention_beside(cluster, name: str, router: bool, batching: dict) -> Client:
+def attention_beside(cluster, name: str, router: bool, batching: dict, dispatch: str | None = None) -> Client:
     """Another attention service with the cluster's argv and environment (no HTTP); without router,
-    its experts run in-process. The cluster stops it with the rest."""
+    its experts run in-process; dispatch: "router" or "direct" (default: the cluster's). The
+    cluster stops it with the rest."""
     argv, env, ready = cluster._specs["attention"]
     argv = list(argv)
+    if dispatch is not None:
+        argv[argv.index("--dispatch") + 1] = dispatch
     at = argv.index("--batching") + 1
     argv[at] = json.dumps({**json.loads(argv[at]), **batching})
     argv[argv.index("--port") + 1] = "0"
-    for flag in ("--http-port", "--served-model-name") + (() if router else ("--router",)):
+    for flag in ("--http-port", "--served-model-name") + (() if router else ("--router", "--dispatch")):
         if flag in argv:
             i = argv.index(flag)
             del argv[i : i + 2]

@@ -79,7 +79,10 @@ def test_completion_logprobs_equal_grpc_score(cluster, sdk):
     client = Client(cluster.attention_address)
     prompt_ids = list(client.score(text=prompt).ids)  # the same tokenization (with BOS) as the HTTP prompt
     scored = list(client.score(ids=prompt_ids + generated).logprobs)[len(prompt_ids) - 1:]
-    assert max(abs(a - b) for a, b in zip(choice.logprobs.token_logprobs, scored, strict=True)) <= 1e-5
+    # Decode (one row a step, over the KV cache) and Score (the whole sequence in one pass) compute
+    # each logprob in a different order: equal to fp32's relative precision, not bit for bit.
+    assert all(abs(a - b) <= 1e-5 * max(1.0, abs(b)) for a, b in zip(choice.logprobs.token_logprobs, scored,
+                                                                     strict=True))
 
 
 def test_stop_strings_cut_the_text(sdk):
