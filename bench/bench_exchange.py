@@ -149,10 +149,11 @@ def _echo_main(conn) -> None:
     server.stop(0)
 
 
-def _direct(model_path: str, redis_url: str, tokens, exchanges: int, wconn):
+def _direct(model_path: str, redis_url: str, tokens, exchanges: int, wconn, worker_pid: int):
     """dispatch: direct from this process, as an attention service runs it: a Dispatcher on its own
     loop over the registry's placement, called from this (the engine's) thread. Returns (totals,
     this process's samples, the worker's samples)."""
+    import psutil
     import torch
 
     import router_svc.dispatch as dispatch
@@ -181,14 +182,17 @@ def _direct(model_path: str, redis_url: str, tokens, exchanges: int, wconn):
         s.clear()
     wconn.send("reset")
     wconn.recv()
+    procs = {"attention (this)": psutil.Process(), "worker": psutil.Process(worker_pid)}
+    cpu_before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
     totals = []
     for i in range(exchanges):
         start = time.perf_counter()
         exchange(*tokens[i % len(tokens)])
         totals.append(time.perf_counter() - start)
+    cpu = {name: (sum(p.cpu_times()[:2]) - cpu_before[name]) / exchanges for name, p in procs.items()}
     wconn.send("stats")
     w, _ = wconn.recv()
-    return totals, samples, w
+    return totals, samples, w, cpu
 
 
 def _tokens(model_path: str):
@@ -215,6 +219,7 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="cProfile the router and the worker (slows both)")
     args = ap.parse_args()
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as herd up runs its processes
+    import psutil
     import torch
 
     from herd.redis_server import RedisServer
@@ -251,18 +256,23 @@ def main() -> None:
         for conn in (wconn, rconn):
             conn.send("reset")
             conn.recv()
+        procs = {"attention (this)": psutil.Process(), "router": psutil.Process(router.pid),
+                 "worker": psutil.Process(worker.pid)}
+        cpu_before = {name: sum(p.cpu_times()[:2]) for name, p in procs.items()}
         totals = []
         for i in range(args.exchanges):
             start = time.perf_counter()
             exchange(*tokens[i % len(tokens)])
             totals.append(time.perf_counter() - start)
+        # Every thread of each process (gRPC's own included), per exchange.
+        cpu = {name: (sum(p.cpu_times()[:2]) - cpu_before[name]) / args.exchanges for name, p in procs.items()}
         wconn.send("stats")
         w, wprof = wconn.recv()
         rconn.send("stats")
         r, rprof = rconn.recv()
         rconn.send("stop")
         stream.close()
-        direct = _direct(path, redis.url, tokens, args.exchanges, wconn)
+        direct = _direct(path, redis.url, tokens, args.exchanges, wconn, worker.pid)
         wconn.send("stop")
         econn, echild = ctx.Pipe()
         echo = ctx.Process(target=_echo_main, args=(echild,), daemon=True)
@@ -301,7 +311,9 @@ def main() -> None:
     print("  transport: gRPC, protobuf and thread hand-offs on both hops (wall time less the three others)")
     print(f"  floor: one hop on a bare stream (an echo server, same message) {ms(floor).strip()} ms, "
           f"so {2 * statistics.median(floor) * 1e3:.3f} ms for two")
-    totals, d, w = direct
+    print("  process CPU per exchange, every thread (ms): "
+          + ", ".join(f"{name} {seconds * 1e3:.3f}" for name, seconds in cpu.items()))
+    totals, d, w, direct_cpu = direct
     n = min(len(totals), len(d["route"]), len(w["run"]))
     dispatch_py = [d["route"][i][0] - d["wait"][i][0] for i in range(n)]
     worker_py = [w["run"][i][0] - w["compute"][i][0] for i in range(n)]
@@ -311,6 +323,8 @@ def main() -> None:
     print(f"  {'':<8} {'total':>7} {'transport':>10} {'dispatch Py':>11} {'worker Py':>10} {'compute':>8}")
     print(f"  {'wall':<8} {ms(totals):>7} {ms(transport):>10} {ms(dispatch_py):>11} {ms(worker_py):>10} "
           f"{ms([w['compute'][i][0] for i in range(n)]):>8}")
+    print("  process CPU per exchange, every thread (ms): "
+          + ", ".join(f"{name} {seconds * 1e3:.3f}" for name, seconds in direct_cpu.items()))
     print("  dispatch Py: the gate and the dispatch on this process's loop, less the wait for the worker; "
           "transport includes\n  the hand-off from the calling thread to that loop and back")
     print("\nFixed cost per exchange (total less expert compute), median (ms): "
