@@ -1,12 +1,17 @@
 """Fuzzing every public and internal method of a real local cluster with generated and
-mutated messages (hypothesis): every reply is OK or a proper error status, and afterwards
-every server is still SERVING and still gives the monolithic model's answers.
+mutated messages (hypothesis): every reply is OK or a proper error status (the router's
+placement stream, which answers reports with nothing, stays open through them all), and
+afterwards every server is still SERVING and still gives the monolithic model's answers.
 
 Deserialization failures of mutated bytes are answered by gRPC itself with INTERNAL
 ("Exception deserializing request!"); that is the one INTERNAL accepted.
 """
 import os
+import queue
 import random
+import threading
+import time
+import urllib.request
 
 import grpc
 import pytest
@@ -207,6 +212,74 @@ def test_fuzz_run_experts(stubs, layer, x, experts):
     got = expect_ok_or_refused(lambda: stubs["worker"].RunExperts(req, timeout=60), "worker")
     if got is not None:
         assert list(got.y.shape) == list(x.shape)
+
+
+class PlacementWatch:
+    """One WatchPlacement stream that every fuzzed report goes on, in order; tables read meanwhile."""
+
+    def __init__(self, stub):
+        self.reports: queue.Queue = queue.Queue()
+        self.tables, self.error, self.sent = [], None, 0
+        self.call = stub.WatchPlacement(iter(self.reports.get, None))
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        try:
+            for table in self.call:
+                self.tables.append(table)
+        except grpc.RpcError as exc:
+            self.error = exc
+
+
+@pytest.fixture(scope="module")
+def watch(stubs):
+    w = PlacementWatch(stubs["router"])
+    yield w
+    w.reports.put(None)
+    w.call.cancel()
+
+
+counts = st.one_of(st.integers(0, 10), st.integers(0, 2**64 - 1))
+
+
+@st.composite
+def placement_reports(draw):
+    r = router_pb2.PlacementReport(routes=draw(counts), retries=draw(counts), hedges=draw(counts),
+                                   rerouted_rows=draw(counts))
+    for _ in range(draw(st.integers(0, 3))):
+        per_expert = draw(st.one_of(st.lists(st.integers(0, 10), min_size=E, max_size=E), st.lists(counts, max_size=9)))
+        r.loads.add(layer=draw(layers()), tokens_per_expert=per_expert)
+    for _ in range(draw(st.integers(0, 3))):
+        r.workers.add(index=draw(st.one_of(st.integers(0, 2), st.integers(-(2**31), 2**31 - 1))), rpcs=draw(counts),
+                      rows=draw(counts))
+    return r
+
+
+@settings(max_examples=int(300 * SCALE), **SETTINGS)
+@given(report=placement_reports())
+def test_fuzz_placement_reports(watch, report):
+    COUNTS["router"] += 1
+    watch.sent += 1
+    watch.reports.put(report)  # taken or refused alone; the stream must stay open (checked below)
+
+
+def test_zy_the_placement_stream_outlived_its_reports(cluster, stubs, watch):
+    status = lambda: stubs["router"].Status(router_pb2.RouterStatusRequest(), timeout=10)
+    deadline = time.monotonic() + 30
+    while watch.reports.qsize() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # the last ones read
+    before = status().routes
+    watch.reports.put(router_pb2.PlacementReport(routes=1))
+    while status().routes == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert status().routes == before + 1 and watch.error is None and watch.reader.is_alive()
+    assert watch.tables and watch.tables[0].num_experts == E
+    metrics = urllib.request.urlopen(f"http://{cluster.router_metrics_address}/metrics", timeout=5).read().decode()
+    (refused,) = [float(line.split()[-1]) for line in metrics.splitlines()
+                  if line.startswith("herd:placement_reports_refused_total ")]
+    assert 0 < refused < watch.sent  # the malformed ones, each alone
 
 
 def test_zz_every_server_still_serves_and_answers_correctly(cluster, stubs):
