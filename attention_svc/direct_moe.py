@@ -174,7 +174,6 @@ class DirectMoE:
         self.dtype = dtype
         self.route_rpcs = 0  # Route-equivalent exchanges (one per MoE layer per micro-batch)
         self.tables_refused, self.refusal = 0, ""  # tables refused so far, and why the last one was
-        self.reports = 0  # reports sent
         self._reported = self._counts()  # what the router has been sent, to report deltas
         self._known: set[int] = set()  # workers the current stream's last table named: the router knows them
         self.loop = LoopThread("direct-moe")
@@ -219,8 +218,8 @@ class DirectMoE:
 
     async def _watch(self) -> None:
         """Keep the placement stream open: take each table, report while it is open, reopen with backoff."""
-        data_channel = aio_channel(self.router_address, self.max_message_bytes)
-        stub = router_pb2_grpc.RouterStub(data_channel)
+        router_channel = aio_channel(self.router_address, self.max_message_bytes)
+        stub = router_pb2_grpc.RouterStub(router_channel)
         pause, connected = REOPEN_MIN_S, False
         try:
             while True:
@@ -241,6 +240,9 @@ class DirectMoE:
                     why = "the router ended it"
                 except grpc.RpcError as exc:
                     why = f"{exc.code().name}: {exc.details()}"
+                except Exception as exc:  # a bug: this stream ends, the next one is opened
+                    log.exception("the placement stream failed")
+                    why = f"{type(exc).__name__}: {exc}"
                 finally:
                     if reporter is not None:
                         reporter.cancel()
@@ -251,7 +253,7 @@ class DirectMoE:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, REOPEN_MAX_S)
         finally:
-            await data_channel.close()
+            await router_channel.close()
 
     def _take(self, table: router_pb2.PlacementTable, last_version: int | None) -> bool:
         """Apply one pushed table (True), or refuse it alone (False: logged, counted, the last kept)."""
@@ -283,7 +285,6 @@ class DirectMoE:
                 await call.write(report)
             except (grpc.RpcError, grpc.aio.BaseError, asyncio.InvalidStateError):  # broken: _watch reopens it
                 return
-            self.reports += 1
             self._reported = {**now, "workers": {**self._reported["workers"],
                                                  **{w.index: now["workers"][w.index] for w in report.workers}}}
 
