@@ -53,6 +53,9 @@ class DeployConfig:
     # them) or "direct" (the attention service gates them and sends each worker its rows itself,
     # with the expert-to-worker table the router pushes; the router still owns placement and health).
     dispatch: str = "router"
+    # The router sends exchanges for the same layer that are at it at the same moment (from any
+    # attention service) to each worker together; false: each on its own.
+    coalesce: bool = True
     gpus_per_worker: float = 0.0  # Ray GPUs per expert worker: 1 on Kubernetes (one GPU pod per worker)
     # Ray custom resources per expert worker, {name: amount}: a worker starts only on a node that
     # advertises them (`ray start --resources '{"expert_slot": 4}'`), so nodes choose what they host.
@@ -91,6 +94,7 @@ class DeployConfig:
         need(isinstance(self.workers, int) and self.workers >= 1, "workers", self.workers, "an integer >= 1")
         need(self.placement in PLACEMENTS, "placement", self.placement, list(PLACEMENTS))
         need(self.dispatch in DISPATCH_MODES, "dispatch", self.dispatch, list(DISPATCH_MODES))
+        need(isinstance(self.coalesce, bool), "coalesce", self.coalesce, "true or false")
         need(isinstance(self.replicas, int) and 1 <= self.replicas <= self.workers, "replicas", self.replicas,
              f"an integer from 1 to workers={self.workers}")
         need(self.gpus_per_worker == 0 or _is_ray_amount(self.gpus_per_worker), "gpus_per_worker",

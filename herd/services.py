@@ -38,7 +38,7 @@ def service_argv(name: str, cfg: DeployConfig, model_path: str, router_address: 
               "--max-message-bytes", str(cfg.max_message_bytes)]
     if name == "router":
         return ["-m", "router_svc", *common, "--port", str(cfg.router_port), "--cluster", cfg.cluster,
-                "--worker-wait", str(wait),
+                "--worker-wait", str(wait), *([] if cfg.coalesce else ["--no-coalesce"]),
                 *([] if cfg.router_metrics_port is None else ["--metrics-port", str(cfg.router_metrics_port)])]
     if name != "attention":
         raise HerdInputError(f"service {name!r} is unknown; allowed: {', '.join(SERVICES)}")

@@ -39,6 +39,7 @@ def test_contiguous_shards_are_ranges():
     ("batching: {micro_batches: 0}", "batching.micro_batches=0"),
     ("batching: {micro_batches: many}", "batching.micro_batches='many'"),
     ("dispatch: workers", "dispatch='workers' is invalid; allowed: ['router', 'direct']"),
+    ("coalesce: sometimes", "coalesce='sometimes' is invalid; allowed: true or false"),
     ("- a list", "mapping"),
 ])
 def test_bad_config_names_field_and_value(tmp_path, yaml_text, needle):

@@ -40,6 +40,8 @@ def test_service_argv_carries_the_config(tiny):
     router = service_argv("router", cfg, str(tiny))
     assert router[:2] == ["-m", "router_svc"]
     assert router[router.index("--port") + 1] == "5555" and router[router.index("--expert-dtype") + 1] == "int8"
+    assert "--no-coalesce" not in router
+    assert "--no-coalesce" in service_argv("router", DeployConfig(model=str(tiny), coalesce=False), str(tiny))
     attention = service_argv("attention", cfg, str(tiny), "router:50052")
     assert attention[attention.index("--router") + 1] == "router:50052" and "--no-kv-tier" in attention
     assert attention[attention.index("--dispatch") + 1] == "router"
