@@ -107,7 +107,8 @@ def test_the_table_comes_at_once_and_again_on_every_change(setup):
         router.loop.run(_mark_down(router, 2))
         changed = time.monotonic()
         down = watch.next_table()
-        assert time.monotonic() - changed < 0.5  # within PUSH_CHECK_S and a turn or two of the loop
+        # Checked every PUSH_CHECK_S (0.1 s); the rest is scheduling on a loaded 2-core machine.
+        assert time.monotonic() - changed < 1.0
         assert down.version > grown.version and not down.workers[2].healthy
         assert down.workers[0].healthy and down.workers[1].healthy
         assert _metric(router, "herd:placement_table_version") == down.version
@@ -123,6 +124,20 @@ def test_the_table_comes_at_once_and_again_on_every_change(setup):
 
 async def _mark_down(router, index):
     router.placement.workers[index].mark_down()
+
+
+def _publish_alias(registry, router, index):
+    """Publish worker `index` at worker 0's address, holding what it holds: a change that stays."""
+    registry.publish(index, {"address": router.placement.workers[0].address, "experts": list(range(0, EXPERTS, 2)),
+                             "fingerprint": router.fingerprint})
+
+
+def _next_with(watch, index):
+    """The first table pushed that names worker `index`."""
+    while True:
+        table = watch.next_table()
+        if index in [w.index for w in table.workers]:
+            return table
 
 
 def _report(**kw):
@@ -183,9 +198,8 @@ def test_reports_are_counted_and_a_malformed_one_is_refused_alone(setup):
         assert after["workers"][0][1] - before["workers"][0][1] >= 4
         assert after["workers"][1][1] - before["workers"][1][1] >= 10
         # The stream is still open: it pushes the next change.
-        router.loop.run(_mark_down(router, 1))
-        table = watch.next_table()
-        assert not table.workers[1].healthy
+        _publish_alias(registry, router, 3)
+        assert 3 in [w.index for w in _next_with(watch, 3).workers]
     finally:
         watch.close()
 
@@ -215,8 +229,8 @@ def test_a_bug_hit_by_a_report_fails_that_report_alone(setup, monkeypatch):
         while router.routes < routes + 4 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert router.routes == routes + 4 and _metric(router, "herd:placement_reports_refused_total") == refused + 1
-        router.loop.run(_mark_down(router, 0))
-        assert watch.next_table().version > first.version
+        _publish_alias(registry, router, 4)
+        assert _next_with(watch, 4).version > first.version
     finally:
         watch.close()
 
