@@ -9,8 +9,9 @@ streams PlacementReports back, about once a second, with what it sent since the 
 the router adds into the counts its Status and /metrics show, so `herd status` and Prometheus
 show the load in both modes. A report the router cannot take (a layer that is not a MoE layer,
 a count per expert of the wrong length, a worker its table does not name, a count past
-MAX_REPORT_COUNT) is refused whole and alone: nothing of it is added, it is logged and counted
-(herd:placement_reports_refused_total), and the stream and every other exchange go on.
+MAX_REPORT_COUNT, bytes that are not a report) is refused whole and alone: nothing of it is
+added, it is logged and counted (herd:placement_reports_refused_total), and the stream and every
+other exchange go on.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import grpc
 import torch
 
 from herdpb import router_pb2
+from plumbing.aio import Unparseable
 
 log = logging.getLogger("herd.router")
 PUSH_CHECK_S = 0.1  # how often a watcher's stream compares the table with the one it last sent
@@ -123,8 +125,11 @@ def apply_report(servicer, report: router_pb2.PlacementReport) -> None:
     servicer.metrics.rerouted_rows.inc(report.rerouted_rows)
 
 
-def check_report(servicer, report: router_pb2.PlacementReport) -> None:
-    """ReportRefused naming the first thing in the report the router cannot take."""
+def check_report(servicer, report: router_pb2.PlacementReport | Unparseable) -> None:
+    """ReportRefused naming the first thing in the report the router cannot take (or why its
+    bytes are not a report: reports are not answered, so one that does not parse fails alone too)."""
+    if isinstance(report, Unparseable):
+        raise ReportRefused(report.why)
     num_experts, layers = servicer.placement.num_experts, sorted(servicer.gates)
     counts = [("routes", report.routes), ("retries", report.retries), ("hedges", report.hedges),
               ("rerouted_rows", report.rerouted_rows)]

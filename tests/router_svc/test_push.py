@@ -252,3 +252,33 @@ def test_watch_placement_needs_the_cluster_token_when_the_router_has_one(referen
     finally:
         server.stop(0)
         redis.stop()
+
+
+def test_bytes_that_are_not_a_report_are_refused_alone(setup):
+    path, registry, router, address = setup
+    raw = channel(address).stream_stream("/herd.v1.Router/WatchPlacement", request_serializer=None,
+                                         response_deserializer=router_pb2.PlacementTable.FromString)
+    sent: queue.Queue = queue.Queue()
+    call = raw(iter(sent.get, None))
+    try:
+        first = next(call)
+        refused, routes = _metric(router, "herd:placement_reports_refused_total"), router.routes
+        sent.put(b"\xff\xff\xff")  # not a PlacementReport
+        sent.put(_report(routes=2).SerializeToString())
+        _until(lambda: router.routes == routes + 2)
+        assert _metric(router, "herd:placement_reports_refused_total") == refused + 1
+        _publish_alias(registry, router, 5)  # and the stream pushes the next change
+        table = next(call)
+        while 5 not in [w.index for w in table.workers]:
+            table = next(call)
+        assert table.version > first.version
+    finally:
+        sent.put(None)
+        call.cancel()
+
+
+def _until(check, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "not within the time"
+        time.sleep(0.02)
