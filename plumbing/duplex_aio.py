@@ -218,7 +218,8 @@ class AsyncDuplex:
             call.fail(exc if isinstance(exc, grpc.RpcError) else
                       RpcFailure(grpc.StatusCode.UNAVAILABLE, f"stream closed: {exc}"))
 
-    def close(self) -> None:
+    def close(self, exc: Exception | None = None) -> None:
+        """Close the stream; what is in flight on it fails with exc (default CANCELLED)."""
         call, self._call = self._call, None
         if call is not None:
-            call.close(RpcFailure(grpc.StatusCode.CANCELLED, "stream closed"))
+            call.close(exc or RpcFailure(grpc.StatusCode.CANCELLED, "stream closed"))

@@ -26,7 +26,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from herdpb import expert_pb2_grpc
 from plumbing.aio import aio_channel, auth_metadata
 from plumbing.duplex_aio import AsyncDuplex
-from plumbing.grpc_server import channel
+from plumbing.grpc_server import RpcFailure, channel
 from plumbing.registry import WorkerRegistry
 
 log = logging.getLogger("herd.router")
@@ -166,7 +166,8 @@ class Worker:
             return
 
         async def close():
-            stream.close()
+            # UNAVAILABLE: an exchange in flight to the old address is retried at the new one.
+            stream.close(RpcFailure(grpc.StatusCode.UNAVAILABLE, f"expert worker {self.index} moved or went away"))
             await data_channel.close()
 
         if loop.is_closed():

@@ -13,6 +13,7 @@ import plumbing.duplex_aio as duplex_aio
 from herdpb import expert_pb2, expert_pb2_grpc
 from plumbing.aio import LoopThread, add_service, aio_channel, start_aio_server
 from plumbing.duplex_aio import AsyncDuplex, serve_each_async
+from plumbing.grpc_server import RpcFailure
 
 HANG, DROP, REPEAT = 7, 8, 9  # layers whose messages this server hangs on, leaves unanswered, answers twice
 SERVICE = expert_pb2.DESCRIPTOR.services_by_name["ExpertWorker"]
@@ -171,3 +172,13 @@ def test_an_unparseable_message_on_a_stream_closes_that_stream_only(loop):
             assert [expert_pb2.RunExpertsResponse.FromString(a).exchange_id for a in other] == [1]
     finally:
         server.stop(0).wait(5)
+
+
+def test_closing_with_an_error_fails_what_is_in_flight_with_it(loop, stream):
+    """The router closes a moved worker's stream with UNAVAILABLE, so its exchanges in flight are
+    retried at the new address instead of failing CANCELLED."""
+    hung = _send(loop, stream, _req(HANG, "hung"))
+    loop.loop.call_soon_threadsafe(stream.close, RpcFailure(grpc.StatusCode.UNAVAILABLE, "moved"))
+    with pytest.raises(grpc.RpcError) as err:
+        _result(loop, hung, 5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details() == "moved"
