@@ -38,6 +38,13 @@ class _Sampled:
         yield routed
         yield CounterMetricFamily("herd:route_requests", "Route calls (one per MoE layer per step).",
                                   value=self.sv.routes)
+        coalescer = getattr(self.sv, "coalescer", None)
+        if coalescer is not None:
+            yield CounterMetricFamily("herd:route_dispatches", "Dispatches of Route exchanges to the workers: one per "
+                                      "exchange, or one per batch of exchanges coalesced.", value=coalescer.batches)
+            yield CounterMetricFamily("herd:coalesced_route_requests", "Route exchanges dispatched together with "
+                                      "others for the same layer (at the router at the same moment).",
+                                      value=coalescer.coalesced)
         yield CounterMetricFamily("herd:route_retries", "Route calls that re-sent rows after a worker failed.",
                                   value=self.sv.retries)
         yield CounterMetricFamily("herd:hedged_exchanges", "RunExperts exchanges given up as overdue (their worker "

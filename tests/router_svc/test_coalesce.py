@@ -7,6 +7,7 @@ import time
 import grpc
 import pytest
 import torch
+from prometheus_client import generate_latest
 
 from expert_svc.server import serve as serve_worker
 from herd.redis_server import RedisServer
@@ -108,6 +109,9 @@ def test_exchanges_at_the_router_at_once_reach_each_worker_as_one(setup):
         assert router.worker_rpcs - rpcs == len(seen[0]) + len(seen[1]) <= 2
         assert sum(seen[0]) + sum(seen[1]) == 14 and len(seen[0]) <= 1 and len(seen[1]) <= 1
         assert router.coalescer.coalesced >= 2
+        scraped = generate_latest(router.metrics.registry).decode()
+        assert f"herd:coalesced_route_requests_total {float(router.coalescer.coalesced)}" in scraped
+        assert f"herd:route_dispatches_total {float(router.coalescer.batches)}" in scraped
     finally:
         for stream in streams:
             stream.close()
