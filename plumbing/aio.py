@@ -19,7 +19,7 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from plumbing.auth import OPEN_SERVICES, bearer, matches
+from plumbing.auth import OPEN_SERVICES, bearer, handler_like, matches
 from plumbing.grpc_server import KEEPALIVE_MS, LIVENESS, MAX_MESSAGE_BYTES
 
 
@@ -89,13 +89,7 @@ def _refuse(handler, message: str):
     async def abort(_request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return handler_like(handler, abort)
 
 
 class AsyncGuard(grpc.aio.ServerInterceptor):

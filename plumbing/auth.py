@@ -63,17 +63,22 @@ def matches(secret: str | None, accepted: list[str]) -> bool:
     return ok and secret is not None
 
 
+def handler_like(handler, behaviour):
+    """A method handler of handler's kind (streaming or not, each way) that runs behaviour."""
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behaviour)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behaviour)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behaviour)
+    return grpc.unary_unary_rpc_method_handler(behaviour)
+
+
 def _refuse(handler, message: str):
     def abort(_request, context):
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort)
-    return grpc.unary_unary_rpc_method_handler(abort)
+    return handler_like(handler, abort)
 
 
 class Guard(grpc.ServerInterceptor):

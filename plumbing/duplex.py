@@ -57,18 +57,18 @@ def failure_of(resp) -> RpcFailure | None:
     return RpcFailure(code, resp.failure.details)
 
 
-class Exchange:
-    """The answers to one send_all(): result() waits for them (any thread, any order)."""
+class Answers:
+    """The answers to one exchange of `count` messages, paired by exchange_id (Exchange here, and
+    plumbing.duplex_aio's AsyncExchange, which signal completion each their own way)."""
 
     def __init__(self, count: int):
         self.count = count
         self.first_id = 0  # the exchange_id of its first message (the others follow it), set when sent
         self._answers: list = []
         self._error: Exception | None = None
-        self._done = threading.Event()
         self.abandoned_at: float | None = None  # when result() timed out
 
-    def _answer(self, resp) -> bool:
+    def _record(self, resp) -> bool:
         """Record one answer; True once all `count` have come (a failed one fails the exchange,
         but its later answers are still counted, so the next exchange pairs with its own).
         An answer to another message than the one awaited raises: the stream's pairing is lost."""
@@ -80,9 +80,25 @@ class Exchange:
         if failure is not None and self._error is None:
             self._error = failure
         self._answers.append(resp)
-        if len(self._answers) == self.count:
-            self._done.set()
         return len(self._answers) == self.count
+
+    def _timed_out(self, timeout: float) -> RpcFailure:
+        self.abandoned_at = time.monotonic()
+        return RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s")
+
+
+class Exchange(Answers):
+    """The answers to one send_all(): result() waits for them (any thread, any order)."""
+
+    def __init__(self, count: int):
+        super().__init__(count)
+        self._done = threading.Event()
+
+    def _answer(self, resp) -> bool:
+        complete = self._record(resp)
+        if complete:
+            self._done.set()
+        return complete
 
     def _fail(self, exc: Exception) -> None:
         if not self._done.is_set():
@@ -99,8 +115,7 @@ class Exchange:
         A timed-out exchange keeps its place on the stream: its late answers are dropped when they
         come, so they pair with no later exchange and the stream stays open for its other callers."""
         if not self._done.wait(max(timeout, 0.0)):
-            self.abandoned_at = time.monotonic()
-            self._fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s"))
+            self._fail(self._timed_out(timeout))
         if self._error is not None:
             raise self._error
         return self._answers

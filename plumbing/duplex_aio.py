@@ -19,7 +19,7 @@ import grpc
 
 from herdpb import tensor_pb2
 from plumbing.aio import Unparseable
-from plumbing.duplex import STUCK_AFTER_S, failure_of
+from plumbing.duplex import STUCK_AFTER_S, Answers
 from plumbing.grpc_server import RpcFailure
 
 log = logging.getLogger("herd.duplex")
@@ -87,29 +87,18 @@ async def _serve(context, run, response_type, concurrent: bool) -> None:
                 task.cancel()
 
 
-class AsyncExchange:
+class AsyncExchange(Answers):
     """The answers to one send_all(): await result() on the loop."""
 
     def __init__(self, count: int):
-        self.count = count
-        self.first_id = 0
-        self._answers: list = []
-        self._error: Exception | None = None
+        super().__init__(count)
         self._done = asyncio.get_running_loop().create_future()
-        self.abandoned_at: float | None = None
 
     def _answer(self, resp) -> bool:
-        expected = self.first_id + len(self._answers)
-        if resp.exchange_id != expected:
-            raise RpcFailure(grpc.StatusCode.UNAVAILABLE, f"stream closed: the answer to message {expected} "
-                             f"came as message {resp.exchange_id} (the peer lost or repeated an answer)")
-        failure = failure_of(resp)
-        if failure is not None and self._error is None:
-            self._error = failure
-        self._answers.append(resp)
-        if len(self._answers) == self.count and not self._done.done():
+        complete = self._record(resp)
+        if complete and not self._done.done():
             self._done.set_result(None)
-        return len(self._answers) == self.count
+        return complete
 
     def _fail(self, exc: Exception) -> None:
         if not self._done.done():
@@ -129,8 +118,7 @@ class AsyncExchange:
         """The exchange's responses in order; raises grpc.RpcError on failure or timeout. A timed-out
         exchange keeps its place on the stream (its late answers are dropped when they come)."""
         if not await self.wait(timeout):
-            self.abandoned_at = time.monotonic()
-            self._fail(RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {timeout:.1f}s"))
+            self._fail(self._timed_out(timeout))
         if self._error is not None:
             raise self._error
         return self._answers
