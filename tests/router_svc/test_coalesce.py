@@ -8,8 +8,8 @@ import grpc
 import pytest
 import torch
 from prometheus_client import generate_latest
+from router_fixtures import router_over
 
-from expert_svc.server import serve as serve_worker
 from herd.redis_server import RedisServer
 from herdpb import router_pb2, router_pb2_grpc
 from kernels import grouped_expert_ffn, route_top1
@@ -17,47 +17,36 @@ from llama4.checkpoint import Checkpoint
 from llama4.weights import load_experts, load_gates
 from plumbing.duplex import Duplex
 from plumbing.grpc_server import channel
-from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import read_tensor, write_tensor
-from router_svc.server import RouterServicer
 from router_svc.server import start as start_router
 
 LAYER = 1
 
 
 @pytest.fixture(scope="module")
-def setup(reference_models):
+def setup(reference_models, workers):
     path = reference_models["tiny-maverick"][1]
     redis = RedisServer(policy="noeviction")
-    servers, seen, records = [], {0: [], 1: []}, {}
-    for index, experts in enumerate((list(range(0, 128, 2)), list(range(1, 128, 2)))):
-        server, port, servicer = serve_worker(str(path), experts, torch.float32, "cpu")
-        run = servicer.run
+    seen = {0: [], 1: []}  # rows of each RunExperts exchange, per worker
 
-        def recording(request, run=run, index=index):
+    def recording(index, run):
+        def wrapper(request):
             seen[index].append(len(request.expert_ids))
             return run(request)
+        return wrapper
 
-        servicer.run = recording
-        records[index] = {"address": f"127.0.0.1:{port}", "experts": experts, "fingerprint": servicer.fingerprint}
-        servers.append(server)
+    records = workers(path, (list(range(0, 128, 2)), list(range(1, 128, 2))), recording)
     ckpt = Checkpoint(path)
     w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
     gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
     try:
         yield path, redis.url, records, seen, (gate, w13, w2)
     finally:
-        for server in servers:
-            server.stop(0)
         redis.stop()
 
 
 def _cluster(path, redis_url, records, name, coalesce=True):
-    registry = WorkerRegistry(redis_url, name)
-    for index, record in records.items():
-        registry.publish(index, record)
-    router = RouterServicer(Checkpoint(path), torch.float32, registry, coalesce=coalesce)
-    router.placement.refresh()
+    router = router_over(path, redis_url, records, name, coalesce=coalesce)
     server, port, _ = start_router(router)
     streams = [Duplex(router_pb2_grpc.RouterStub(channel(f"127.0.0.1:{port}")).RouteStream) for _ in range(3)]
     return router, server, streams

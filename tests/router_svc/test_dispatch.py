@@ -7,8 +7,8 @@ import socket
 import grpc
 import pytest
 import torch
+from router_fixtures import router_over
 
-from expert_svc.server import serve as serve_worker
 from herd.redis_server import RedisServer
 from herdpb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
 from kernels import grouped_expert_ffn, route_top1
@@ -16,49 +16,36 @@ from llama4.checkpoint import Checkpoint
 from llama4.weights import load_experts, load_gates
 from plumbing.duplex import Duplex, failure_of, serve_each
 from plumbing.grpc_server import channel
-from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import read_tensor, write_tensor
-from router_svc.server import RouterServicer
 from router_svc.server import start as start_router
 
 LAYER, ROWS = 1, 48
 
 
 @pytest.fixture(scope="module")
-def setup(reference_models):
+def setup(reference_models, workers):
     path = reference_models["tiny-maverick"][1]
     redis = RedisServer(policy="noeviction")
     evens, odds = list(range(0, 128, 2)), list(range(1, 128, 2))  # interleaved: sorting by worker matters
-    servers, seen, records = [], {0: [], 1: []}, {}
-    for index, experts in enumerate((evens, odds)):
-        server, port, servicer = serve_worker(str(path), experts, torch.float32, "cpu")
-        run = servicer.run
+    seen = {0: [], 1: []}
 
-        def recording(request, run=run, index=index):
+    def recording(index, run):
+        def wrapper(request):
             seen[index].append(list(request.expert_ids))
             return run(request)
+        return wrapper
 
-        servicer.run = recording
-        records[index] = {"address": f"127.0.0.1:{port}", "experts": experts, "fingerprint": servicer.fingerprint}
-        servers.append(server)
+    records = workers(path, (evens, odds), recording)
     ckpt = Checkpoint(path)
     w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
     gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
     try:
         yield path, redis.url, records, seen, (gate, w13, w2)
     finally:
-        for server in servers:
-            server.stop(0)
         redis.stop()
 
 
-def _router(path, redis_url, records, cluster):
-    registry = WorkerRegistry(redis_url, cluster)
-    for index, record in records.items():
-        registry.publish(index, record)
-    router = RouterServicer(Checkpoint(path), torch.float32, registry)
-    router.placement.refresh()
-    return router
+_router = router_over
 
 
 def _route(router, x):

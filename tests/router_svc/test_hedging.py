@@ -7,41 +7,35 @@ import time
 
 import pytest
 import torch
+from router_fixtures import router_over
 
 from expert_svc.server import INLINE_ROWS
-from expert_svc.server import serve as serve_worker
 from herd.redis_server import RedisServer
 from herdpb import router_pb2
 from kernels import grouped_expert_ffn, route_top1
 from llama4.checkpoint import Checkpoint
 from llama4.weights import load_experts, load_gates
-from plumbing.registry import WorkerRegistry
 from plumbing.tensor_codec import read_tensor, write_tensor
 from router_svc.placement import OVERDUE_FLOOR_S
-from router_svc.server import RouterServicer
 
 LAYER, ROWS = 1, 32
 
 
 @pytest.fixture(scope="module")
-def setup(reference_models):
+def setup(reference_models, workers):
     path = reference_models["tiny-maverick"][1]
     redis = RedisServer(policy="noeviction")
-    holds = {}  # worker -> an Event that is clear while the worker is "frozen"
-    servers, records = [], {}
-    for index, experts in enumerate((list(range(0, 128, 2)), list(range(1, 128, 2)), list(range(128)))):
-        server, port, servicer = serve_worker(str(path), experts, torch.float32, "cpu")
-        holds[index] = threading.Event()
-        holds[index].set()
-        run = servicer.run
+    holds = {index: threading.Event() for index in range(3)}  # clear while the worker is "frozen"
+    for hold in holds.values():
+        hold.set()
 
-        def held(request, run=run, hold=holds[index]):
-            hold.wait(60)
+    def held(index, run):
+        def wrapper(request):
+            holds[index].wait(60)
             return run(request)
+        return wrapper
 
-        servicer.run = held
-        records[index] = {"address": f"127.0.0.1:{port}", "experts": experts, "fingerprint": servicer.fingerprint}
-        servers.append(server)
+    records = workers(path, (list(range(0, 128, 2)), list(range(1, 128, 2)), list(range(128))), held)
     ckpt = Checkpoint(path)
     w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
     gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
@@ -50,18 +44,10 @@ def setup(reference_models):
     finally:
         for hold in holds.values():
             hold.set()
-        for server in servers:
-            server.stop(0)
         redis.stop()
 
 
-def _router(path, redis_url, records, cluster):
-    registry = WorkerRegistry(redis_url, cluster)
-    for index, record in records.items():
-        registry.publish(index, record)
-    router = RouterServicer(Checkpoint(path), torch.float32, registry)
-    router.placement.refresh()
-    return router
+_router = router_over
 
 
 def _route(router, x, timeout=20.0):
