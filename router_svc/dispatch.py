@@ -12,10 +12,10 @@ exchange overdue past the bound placement keeps for it) is routed around the sam
 overdue exchange is given up on its stream (its late answer is dropped) and its rows go to
 replicas; without a replica for every one of its rows it is awaited until the deadline.
 
-Coalescer (the router's M:N fan-in): exchanges for the same layer that meet at the router (read
-in the same turn of the loop, or come while that layer's previous dispatch is still out), from
-any stream, are gated and sent as one exchange per worker, and each gets its own rows back. It
-never waits for more work than is already there: no timer.
+Coalescer (the router's M:N fan-in): exchanges for the same layer that are at the dispatcher at
+the same moment (read in the same turn of the loop, from any stream) are gated and sent as one
+exchange per worker, and each gets its own rows back. It never waits for more work than is
+already there: no timer, one turn of the loop.
 """
 from __future__ import annotations
 
@@ -212,22 +212,17 @@ class _Member:
 
 
 class Coalescer:
-    """Route exchanges for one layer go to the workers together when they meet at the router.
+    """Exchanges for one layer that are at the dispatcher in the same turn of the loop run as one.
 
-    An exchange that finds its layer idle goes after one turn of the loop (every read that has
-    already come in runs meanwhile, and the exchanges among them for the layer go with it). One
-    that finds its layer's dispatch in flight (the workers are busy with that layer's rows) waits
-    for it to come back and then goes with every other that came meanwhile, as one exchange per
-    worker: Nagle's rule, with no timer, so an idle router adds no latency and a busy one sends
-    each worker fewer, larger exchanges. Each gets its own rows back; a batch whose rows a worker
-    refuses (INVALID_ARGUMENT: an expert output that overflowed) runs again member by member, so
-    only the exchange whose rows caused it fails. A batch is dispatched until the latest deadline
-    among its members; each member gives up at its own."""
+    The first exchange of a layer to arrive leads: it yields one turn of the loop (every read that
+    has already come in runs meanwhile, and each of those exchanges for the layer joins it), then
+    dispatches what joined as one and hands each its rows. Alone, it dispatches its own rows as if
+    there were no coalescer. One dispatch serves the batch until the latest deadline among its
+    members (the router gives every exchange of a stream the same timeout)."""
 
     def __init__(self, dispatcher: Dispatcher, enabled: bool = True):
         self.dispatcher, self.enabled = dispatcher, enabled
-        self._waiting: dict[int, list[_Member]] = {}  # layer -> exchanges for its next dispatch
-        self._busy: set[int] = set()  # layers with a dispatch in flight or about to start
+        self._pending: dict[int, list[_Member]] = {}
         self.batches = self.coalesced = 0  # dispatches run; exchanges that shared one with another
 
     async def route(self, layer: int, x: torch.Tensor, deadline: float):
@@ -235,76 +230,73 @@ class Coalescer:
         if not self.enabled:
             self.batches += 1
             return await self.dispatcher.route(layer, x, deadline)
-        member = _Member(x, deadline)
-        self._waiting.setdefault(layer, []).append(member)
-        if layer not in self._busy:
-            self._busy.add(layer)
-            asyncio.get_running_loop().call_soon(self._launch, layer)
-        remaining = deadline - time.monotonic()
-        if remaining > 0:
-            await asyncio.wait((member.future,), timeout=remaining)
-        if not member.future.done():
-            member.future.cancel()  # its batch skips it when it settles
-            raise RpcFailure(grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer within {max(remaining, 0):.1f}s")
-        return member.future.result()
-
-    def _launch(self, layer: int) -> None:
-        """Dispatch what waits for the layer, or mark the layer idle."""
-        batch = self._waiting.pop(layer, None)
-        if not batch:
-            self._busy.discard(layer)
-            return
-        asyncio.ensure_future(self._run(layer, batch))
-
-    async def _run(self, layer: int, batch: list[_Member]) -> None:
+        batch = self._pending.get(layer)
+        if batch is not None:  # a leader is yielding its turn: join it
+            member = _Member(x, deadline)
+            batch.append(member)
+            return await member.future
+        batch = self._pending[layer] = []
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:  # the leader's caller went away: its members still run
+            del self._pending[layer]
+            if batch:
+                first, *rest = batch
+                asyncio.ensure_future(self._adopt(layer, first, rest))
+            raise
+        del self._pending[layer]
         self.batches += 1
-        if len(batch) > 1:
-            self.coalesced += len(batch)
-        try:
-            await self._dispatch(layer, batch)
-        except BaseException as exc:  # a bug (or the loop stopping): the members must not wait forever
-            for m in batch:
-                _settle(m.future, exc=exc if isinstance(exc, Exception) else
-                        RpcFailure(grpc.StatusCode.UNAVAILABLE, "the router is stopping"))
-            if not isinstance(exc, Exception):
-                raise
-            log.exception("a coalesced dispatch failed")
-        finally:
-            self._launch(layer)  # what came while this batch was out goes now, together
+        if not batch:
+            return await self.dispatcher.route(layer, x, deadline)
+        self.coalesced += len(batch) + 1
+        # Shielded: a leader whose caller goes away mid-dispatch still hands its members their rows.
+        return await asyncio.shield(asyncio.ensure_future(self._run(layer, x, deadline, batch)))
 
-    async def _dispatch(self, layer: int, batch: list[_Member]) -> None:
-        live = [m for m in batch if not m.future.done()]  # a member whose caller gave up is skipped
-        if not live:
-            return
-        if len(live) == 1:
-            m = live[0]
-            try:
-                _settle(m.future, await self.dispatcher.route(layer, m.x, m.deadline))
-            except grpc.RpcError as exc:
-                _settle(m.future, exc=exc)
-            return
+    async def _adopt(self, layer: int, first: _Member, rest: list[_Member]) -> None:
+        """Dispatch the members of a leader that was cancelled, the first of them leading."""
+        self.batches += 1
         try:
-            y, experts, workers = await self.dispatcher.route(layer, torch.cat([m.x for m in live]),
-                                                              max(m.deadline for m in live))
+            if rest:
+                _settle(first.future, await self._run(layer, first.x, first.deadline, rest))
+            else:
+                _settle(first.future, await self.dispatcher.route(layer, first.x, first.deadline))
+        except Exception as exc:
+            _settle(first.future, exc=exc)
+
+    async def _run(self, layer: int, x: torch.Tensor, deadline: float, batch: list[_Member]):
+        """The leader's rows x and its members', dispatched as one; the leader's share is returned."""
+        try:
+            y, experts, workers = await self.dispatcher.route(layer, torch.cat([x, *(m.x for m in batch)]),
+                                                              max(deadline, *(m.deadline for m in batch)))
         except grpc.RpcError as exc:
             if exc.code() is not grpc.StatusCode.INVALID_ARGUMENT:
-                for m in live:
+                for m in batch:
                     _settle(m.future, exc=exc)
-                return
-            # Some member's rows were refused: each runs alone, so only its own exchange fails.
-            results = await asyncio.gather(*(self.dispatcher.route(layer, m.x, m.deadline) for m in live),
-                                           return_exceptions=True)
-            for m, result in zip(live, results, strict=True):
-                if isinstance(result, Exception):
+                raise
+            # Some member's rows were refused (an expert output that overflowed): each runs alone,
+            # so the refusal fails only the exchange whose rows caused it.
+            mine, *theirs = await asyncio.gather(self.dispatcher.route(layer, x, deadline),
+                                                 *(self.dispatcher.route(layer, m.x, m.deadline) for m in batch),
+                                                 return_exceptions=True)
+            for m, result in zip(batch, theirs, strict=True):
+                if isinstance(result, BaseException):
                     _settle(m.future, exc=result)
                 else:
                     _settle(m.future, result)
-            return
-        start = 0
-        for m in live:
+            if isinstance(mine, BaseException):
+                raise mine from None
+            return mine
+        except BaseException as exc:  # cancelled, or a bug: the members must not wait forever
+            for m in batch:
+                _settle(m.future, exc=exc if isinstance(exc, Exception) else
+                        RpcFailure(grpc.StatusCode.UNAVAILABLE, "the exchange it was coalesced with was cancelled"))
+            raise
+        start = n = x.shape[0]
+        for m in batch:
             rows = m.x.shape[0]
             _settle(m.future, (y[start : start + rows], experts[start : start + rows], workers[start : start + rows]))
             start += rows
+        return y[:n], experts[:n], workers[:n]
 
 
 def _settle(future: asyncio.Future, result=None, exc: Exception | None = None) -> None:
