@@ -1,9 +1,32 @@
-"""A router over real worker servers (tests/router_svc/conftest.py's workers) through a real registry."""
+"""Shared by the router's tests: real expert worker servers on loopback whose RunExperts a test
+wraps (to record or hold what they are sent), and a router over them through a real registry.
+(Not a conftest.py: tests import `conftest` by name for the root one's constants.)"""
+import contextlib
+
 import torch
 
+from expert_svc.server import serve as serve_worker
 from llama4.checkpoint import Checkpoint
 from plumbing.registry import WorkerRegistry
 from router_svc.server import RouterServicer
+
+
+@contextlib.contextmanager
+def worker_servers(path, expert_sets, wrap):
+    """{index: registry record}: one worker server per expert set, its servicer.run replaced by
+    wrap(index, run); the servers stop when the block ends."""
+    servers, records = [], {}
+    try:
+        for index, experts in enumerate(expert_sets):
+            server, port, servicer = serve_worker(str(path), experts, torch.float32, "cpu")
+            servers.append(server)
+            servicer.run = wrap(index, servicer.run)
+            records[index] = {"address": f"127.0.0.1:{port}", "experts": experts,
+                              "fingerprint": servicer.fingerprint}
+        yield records
+    finally:
+        for server in servers:
+            server.stop(0)
 
 
 def router_over(path, redis_url, records, cluster, **kwargs) -> RouterServicer:

@@ -8,7 +8,7 @@ import grpc
 import pytest
 import torch
 from prometheus_client import generate_latest
-from router_fixtures import router_over
+from router_fixtures import router_over, worker_servers
 
 from herd.redis_server import RedisServer
 from herdpb import router_pb2, router_pb2_grpc
@@ -24,7 +24,7 @@ LAYER = 1
 
 
 @pytest.fixture(scope="module")
-def setup(reference_models, workers):
+def setup(reference_models):
     path = reference_models["tiny-maverick"][1]
     redis = RedisServer(policy="noeviction")
     seen = {0: [], 1: []}  # rows of each RunExperts exchange, per worker
@@ -35,14 +35,14 @@ def setup(reference_models, workers):
             return run(request)
         return wrapper
 
-    records = workers(path, (list(range(0, 128, 2)), list(range(1, 128, 2))), recording)
-    ckpt = Checkpoint(path)
-    w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
-    gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
-    try:
-        yield path, redis.url, records, seen, (gate, w13, w2)
-    finally:
-        redis.stop()
+    with worker_servers(path, (list(range(0, 128, 2)), list(range(1, 128, 2))), recording) as records:
+        ckpt = Checkpoint(path)
+        w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
+        gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
+        try:
+            yield path, redis.url, records, seen, (gate, w13, w2)
+        finally:
+            redis.stop()
 
 
 def _cluster(path, redis_url, records, name, coalesce=True):

@@ -7,7 +7,7 @@ import socket
 import grpc
 import pytest
 import torch
-from router_fixtures import router_over
+from router_fixtures import router_over, worker_servers
 
 from herd.redis_server import RedisServer
 from herdpb import expert_pb2, expert_pb2_grpc, router_pb2, router_pb2_grpc
@@ -23,7 +23,7 @@ LAYER, ROWS = 1, 48
 
 
 @pytest.fixture(scope="module")
-def setup(reference_models, workers):
+def setup(reference_models):
     path = reference_models["tiny-maverick"][1]
     redis = RedisServer(policy="noeviction")
     evens, odds = list(range(0, 128, 2)), list(range(1, 128, 2))  # interleaved: sorting by worker matters
@@ -35,14 +35,14 @@ def setup(reference_models, workers):
             return run(request)
         return wrapper
 
-    records = workers(path, (evens, odds), recording)
-    ckpt = Checkpoint(path)
-    w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
-    gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
-    try:
-        yield path, redis.url, records, seen, (gate, w13, w2)
-    finally:
-        redis.stop()
+    with worker_servers(path, (evens, odds), recording) as records:
+        ckpt = Checkpoint(path)
+        w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
+        gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
+        try:
+            yield path, redis.url, records, seen, (gate, w13, w2)
+        finally:
+            redis.stop()
 
 
 _router = router_over

@@ -7,7 +7,7 @@ import time
 
 import pytest
 import torch
-from router_fixtures import router_over
+from router_fixtures import router_over, worker_servers
 
 from expert_svc.server import INLINE_ROWS
 from herd.redis_server import RedisServer
@@ -22,7 +22,7 @@ LAYER, ROWS = 1, 32
 
 
 @pytest.fixture(scope="module")
-def setup(reference_models, workers):
+def setup(reference_models):
     path = reference_models["tiny-maverick"][1]
     redis = RedisServer(policy="noeviction")
     holds = {index: threading.Event() for index in range(3)}  # clear while the worker is "frozen"
@@ -35,16 +35,16 @@ def setup(reference_models, workers):
             return run(request)
         return wrapper
 
-    records = workers(path, (list(range(0, 128, 2)), list(range(1, 128, 2)), list(range(128))), held)
-    ckpt = Checkpoint(path)
-    w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
-    gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
-    try:
-        yield path, redis.url, records, holds, (gate, w13, w2)
-    finally:
-        for hold in holds.values():
-            hold.set()
-        redis.stop()
+    with worker_servers(path, (list(range(0, 128, 2)), list(range(1, 128, 2)), list(range(128))), held) as records:
+        ckpt = Checkpoint(path)
+        w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
+        gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
+        try:
+            yield path, redis.url, records, holds, (gate, w13, w2)
+        finally:
+            for hold in holds.values():
+                hold.set()
+            redis.stop()
 
 
 _router = router_over
