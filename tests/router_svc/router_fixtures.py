@@ -7,6 +7,7 @@ import torch
 
 from expert_svc.server import serve as serve_worker
 from llama4.checkpoint import Checkpoint
+from llama4.weights import load_experts, load_gates
 from plumbing.registry import WorkerRegistry
 from router_svc.server import RouterServicer
 
@@ -27,6 +28,13 @@ def worker_servers(path, expert_sets, wrap):
     finally:
         for server in servers:
             server.stop(0)
+
+
+def reference_layer(path, layer: int):
+    """(gate [E, H], w13, w2) of MoE layer `layer`, every expert: what the answers are checked against."""
+    ckpt = Checkpoint(path)
+    w13, w2 = load_experts(ckpt, list(range(ckpt.config.num_local_experts)), torch.float32, "cpu")[layer]
+    return load_gates(ckpt, torch.float32, "cpu")[layer], w13, w2
 
 
 def router_over(path, redis_url, records, cluster, **kwargs) -> RouterServicer:

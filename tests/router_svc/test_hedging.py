@@ -7,14 +7,12 @@ import time
 
 import pytest
 import torch
-from router_fixtures import router_over, worker_servers
+from router_fixtures import reference_layer, router_over, worker_servers
 
 from expert_svc.server import INLINE_ROWS
 from herd.redis_server import RedisServer
 from herdpb import router_pb2
 from kernels import grouped_expert_ffn, route_top1
-from llama4.checkpoint import Checkpoint
-from llama4.weights import load_experts, load_gates
 from plumbing.tensor_codec import read_tensor, write_tensor
 from router_svc.placement import OVERDUE_FLOOR_S
 
@@ -36,9 +34,7 @@ def setup(reference_models):
         return wrapper
 
     with worker_servers(path, (list(range(0, 128, 2)), list(range(1, 128, 2)), list(range(128))), held) as records:
-        ckpt = Checkpoint(path)
-        w13, w2 = load_experts(ckpt, list(range(128)), torch.float32, "cpu")[LAYER]
-        gate = load_gates(ckpt, torch.float32, "cpu")[LAYER]
+        gate, w13, w2 = reference_layer(path, LAYER)
         try:
             yield path, redis.url, records, holds, (gate, w13, w2)
         finally:
