@@ -6,12 +6,12 @@ router dispatches nothing itself yet counts the load (herd status, /metrics); a 
 under load fails no request and changes no token, as in router mode."""
 import os
 import signal
-import threading
 import time
 import urllib.request
 
 import pytest
 import torch
+from cluster_load import Load
 
 from herd.client import Client
 from herdpb import llama_pb2
@@ -114,47 +114,13 @@ def test_the_trace_names_the_expert_and_worker_of_every_token(client, mono):
     assert all(h.worker == h.expert // 32 for m in got for h in m.route)  # contiguous: 32 experts per worker
 
 
-class Load:
-    """STREAMS threads sending their prompts one request after another until stopped; each request
-    is recorded as (prompt index, start, end, tokens or the exception)."""
-
-    def __init__(self, address: str, prompts: list[list[int]]):
-        self.address, self.prompts, self.done = address, prompts, []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True) for s in range(STREAMS)]
-
-    def _run(self, s: int) -> None:
-        client, n = Client(self.address, timeout=120), 0
-        while not self._stop.is_set():
-            i = (s + n * STREAMS) % len(self.prompts)
-            n += 1
-            start = time.monotonic()
-            try:
-                got = [t for msg in client.generate(ids=self.prompts[i], max_tokens=MAX_TOKENS, ignore_eos=True)
-                       for t in msg.token_ids]
-            except Exception as exc:  # recorded: the test asserts there are none
-                got = exc
-            self.done.append((i, start, time.monotonic(), got))
-        client.close()
-
-    def __enter__(self) -> "Load":
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(180)
-
-
 def test_a_worker_killed_under_load_fails_no_request_and_changes_no_token(cluster, client, mono):
     ps = prompts(2 * STREAMS, seed=31)
     want = [s.output_ids for s in Engine(mono).run([Request(p, SamplingParams(max_tokens=MAX_TOKENS,
                                                                                 ignore_eos=True)) for p in ps])]
     pids = cluster.worker_pids()
     retries = client.status().router.retries
-    with Load(cluster.attention_address, ps) as load:
+    with Load(cluster.attention_address, ps, STREAMS, MAX_TOKENS) as load:
         until(lambda: len(load.done) >= STREAMS, 120, "steady load")
         os.kill(pids[1], signal.SIGKILL)
         killed = time.monotonic()
@@ -172,13 +138,13 @@ def test_a_worker_killed_under_load_fails_no_request_and_changes_no_token(cluste
         served = len(load.done)
         until(lambda: len(load.done) >= served + STREAMS, 120, "requests after the restart")
     done = list(load.done)
-    failed = [(i, got) for i, _, _, got in done if isinstance(got, Exception)]
+    failed = [(i, got) for _, i, _, _, got in done if isinstance(got, Exception)]
     assert not failed, failed
-    assert [i for i, _, _, got in done if got != want[i]] == []
-    assert any(start < killed < end for _, start, end, _ in done)  # some were in flight at the kill
+    assert [i for _, i, _, _, got in done if got != want[i]] == []
+    assert any(start < killed < end for _, _, start, end, _ in done)  # some were in flight at the kill
     # The attention service retried them (its rows went again to the restarted worker) and told the router.
     until(lambda: client.status().router.retries > retries, 10, "the router counting the reported retries")
-    print(f"\n{len(done)} requests, {sum(start < killed < end for _, start, end, _ in done)} in flight at the "
+    print(f"\n{len(done)} requests, {sum(start < killed < end for _, _, start, end, _ in done)} in flight at the "
           f"SIGKILL; worker 1 back after {back - killed:.1f}s")
 
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 import urllib.request
 
 import pytest
 import torch
+from cluster_load import Load
 
 from herd.client import Client
 from llama4.engine import Engine, Request
@@ -33,42 +33,6 @@ def _prompts(n: int) -> list[list[int]]:
 def _expected(mono, prompts):
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True)
     return [r.output_ids for r in Engine(mono).run([Request(p, params) for p in prompts])]
-
-
-class Load:
-    """STREAMS threads, each sending its prompts one request after another until stopped; every
-    request is recorded as (stream, prompt index, start, end, tokens or the exception)."""
-
-    def __init__(self, address: str, prompts: list[list[int]]):
-        self.address, self.prompts = address, prompts
-        self.done: list[tuple] = []
-        self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(s,), daemon=True) for s in range(STREAMS)]
-
-    def _run(self, stream: int) -> None:
-        client = Client(self.address, timeout=120)
-        n = 0
-        while not self._stop.is_set():
-            i = (stream + n * STREAMS) % len(self.prompts)
-            n += 1
-            start = time.monotonic()
-            try:
-                got = [t for msg in client.generate(ids=self.prompts[i], max_tokens=MAX_TOKENS, ignore_eos=True)
-                       for t in msg.token_ids]
-            except Exception as exc:  # recorded: the test asserts there are none
-                got = exc
-            self.done.append((stream, i, start, time.monotonic(), got))
-        client.close()
-
-    def __enter__(self) -> Load:
-        for t in self._threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        for t in self._threads:
-            t.join(180)
 
 
 def _worker_pid(cluster, index: int) -> int:
@@ -119,7 +83,7 @@ def test_a_frozen_worker_is_routed_around_to_its_replica_and_taken_back(local_cl
         client = Client(cluster.attention_address)
         assert all(len(w.experts) == 128 for w in client.status().router.workers)  # each holds every expert
         pid = _worker_pid(cluster, 0)
-        with Load(cluster.attention_address, prompts) as load:
+        with Load(cluster.attention_address, prompts, STREAMS, MAX_TOKENS) as load:
             time.sleep(3.0)  # steady state: recent latencies for the overdue bound
             stopped, continued, detected = _freeze(pid, FREEZE_S, lambda _: _metric(cluster, "herd:worker_overdue") > 0
                                                    or not _router_worker(client, 0).healthy)
@@ -162,8 +126,8 @@ def test_without_a_replica_requests_wait_for_a_frozen_worker_and_none_fails(loca
     with local_cluster(workers=2, replicas=1) as cluster:
         client = Client(cluster.attention_address)
         pid = _worker_pid(cluster, 0)
-        late = Load(cluster.attention_address, prompts)  # streams that start while it is frozen
-        with Load(cluster.attention_address, prompts) as load:
+        late = Load(cluster.attention_address, prompts, STREAMS, MAX_TOKENS)  # streams that start while it is frozen
+        with Load(cluster.attention_address, prompts, STREAMS, MAX_TOKENS) as load:
             time.sleep(3.0)
             # 2 s into the freeze the late streams start (watch() holds from then on: it runs once).
             stopped, continued, _ = _freeze(pid, 6.0, lambda frozen_s: frozen_s > 2.0 and late.__enter__() is late)
