@@ -124,6 +124,21 @@ class AsyncExchange(Answers):
         return self._answers
 
 
+# A stream that ends with one of these says something about the caller, not the peer's health.
+_CALLERS_FAULT = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
+                  grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def _broken(exc: grpc.RpcError) -> grpc.RpcError:
+    """The error a whole stream ended with, as its exchanges in flight see it: the peer's going
+    away is UNAVAILABLE (callers retry), however grpc.aio names it (a SIGKILLed peer's stream can
+    end INTERNAL, "Internal error from Core"). An exchange's own failure is not this: it comes
+    as an answer and keeps its code."""
+    if exc.code() in _CALLERS_FAULT or exc.code() is grpc.StatusCode.UNAVAILABLE:
+        return exc
+    return RpcFailure(grpc.StatusCode.UNAVAILABLE, f"stream broke ({exc.code().name}: {exc.details()})")
+
+
 class _AsyncCall:
     def __init__(self, open_call):
         self.call = open_call()
@@ -146,7 +161,7 @@ class _AsyncCall:
             log.warning("%s", exc.details())
             self.close(exc)
         except grpc.RpcError as exc:
-            self.fail(exc)
+            self.fail(_broken(exc))
         except asyncio.CancelledError:
             self.fail(RpcFailure(grpc.StatusCode.CANCELLED, "stream closed"))
 
@@ -203,7 +218,7 @@ class AsyncDuplex:
                     request.exchange_id = ex.first_id + at
                     await call.call.write(request)
         except (grpc.RpcError, asyncio.InvalidStateError, RuntimeError) as exc:
-            call.fail(exc if isinstance(exc, grpc.RpcError) else
+            call.fail(_broken(exc) if isinstance(exc, grpc.RpcError) else
                       RpcFailure(grpc.StatusCode.UNAVAILABLE, f"stream closed: {exc}"))
 
     def close(self, exc: Exception | None = None) -> None:

@@ -182,3 +182,18 @@ def test_closing_with_an_error_fails_what_is_in_flight_with_it(loop, stream):
     with pytest.raises(grpc.RpcError) as err:
         _result(loop, hung, 5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE and err.value.details() == "moved"
+
+
+def test_a_stream_that_breaks_fails_its_exchanges_unavailable_whatever_grpc_calls_it(loop, stream):
+    """A SIGKILLed worker's stream can end INTERNAL ("Internal error from Core"): its exchanges in
+    flight must still fail UNAVAILABLE, which the dispatcher retries on another replica or the
+    restarted worker, and not fail the step."""
+    hung = _send(loop, stream, _req(HANG, "hung"))
+    call = stream._call
+    loop.loop.call_soon_threadsafe(call.fail, duplex_aio._broken(
+        RpcFailure(grpc.StatusCode.INTERNAL, "Internal error from Core")))
+    with pytest.raises(grpc.RpcError) as err:
+        _result(loop, hung, 5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "Internal error from Core" in err.value.details()
+    assert duplex_aio._broken(RpcFailure(grpc.StatusCode.UNAUTHENTICATED, "x")).code() == \
+        grpc.StatusCode.UNAUTHENTICATED  # a wrong token is not retried as if the worker were away
